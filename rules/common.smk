@@ -1,0 +1,198 @@
+"""Helpers shared by the stage files: config validation, the study's nouns, input functions.
+
+All logic of substance lives in the `mergemix` package; this file only turns config
+into file paths and command-line flags.
+"""
+
+import json
+import shlex
+
+from snakemake.exceptions import WorkflowError
+
+from mergemix import config as mmconfig
+
+try:
+    mmconfig.validate(config)
+except mmconfig.ConfigError as exc:
+    raise WorkflowError(f"config error: {exc}")
+
+
+PARTITIONS = mmconfig.partitions(config)  # partition -> source
+MIXTURES = mmconfig.mixtures(config)
+OOD = list(config["eval"]["ood"])
+SEED_PRETRAINED = config["seed"]["pretrained"]
+TRAIN_SHARD = "work/tokens/{group}/{name}/train"
+HELDOUT_SHARD = "work/tokens/{group}/{name}/heldout"
+
+
+def json_flag(obj):
+    """A JSON value quoted for the shell (rules pass config sections this way)."""
+    return shlex.quote(json.dumps(obj, sort_keys=True))
+
+
+def res(kind, key):
+    return config["resources"][kind][key]
+
+
+# --- corpus ---------------------------------------------------------------------------
+
+
+def load_spec(group, name):
+    """The config entry describing where documents of a partition file come from."""
+    if group == "seed":
+        return config["seed"]
+    if group == "ood":
+        return config["eval"]["ood"][name]
+    return config["sources"][group]
+
+
+def get_raw_inputs(wildcards):
+    """Files a partition job reads: a demo recipe's parquet, or the user's local files."""
+    load = load_spec(wildcards.group, wildcards.name)["load"]
+    if "demo" in load:
+        return [f"work/raw/{load['demo']}.parquet"]
+    return [
+        f
+        for f in load.get("data_files") or []
+        if not f.startswith(("hf://", "http://", "https://"))
+    ]
+
+
+def partition_spec(wildcards):
+    """The JSON spec `python -m mergemix.corpus partition` reads for one partition file."""
+    group, name = wildcards.group, wildcards.name
+    entry = load_spec(group, name)
+    spec = {
+        "source": group if group != "ood" else name,
+        "load": entry["load"],
+        "demo_dir": "work/raw",
+        "text_column": entry["text_column"],
+        "partition_by": (
+            entry.get("partition_by", []) if group not in ("seed", "ood") else []
+        ),
+        "rename": entry.get("rename", {}) if group not in ("seed", "ood") else {},
+        "partitions": [name],
+        "seed": config["random_seed"],
+    }
+    return json_flag(spec)
+
+
+# --- tokens and units -----------------------------------------------------------------
+
+
+def shard(kind, group, name):
+    template = TRAIN_SHARD if kind == "train" else HELDOUT_SHARD
+    return template.format(group=group, name=name)
+
+
+def shard_files(prefix):
+    return [f"{prefix}.bin", f"{prefix}.idx", f"{prefix}.json"]
+
+
+def heldout_fraction(wildcards):
+    if wildcards.group == "seed":
+        return config["seed"]["heldout_fraction"]
+    return config["sources"][wildcards.group]["heldout_fraction"]
+
+
+def partition_units(partition):
+    """Unit flags (SHARD_PREFIX:INDEX) of every base unit of a partition."""
+    prefix = shard("train", PARTITIONS[partition], partition)
+    return [f"{prefix}:{u}" for u in range(mmconfig.units(config, partition))]
+
+
+def unit_dir(partition, unit):
+    return f"work/models/unit/{PARTITIONS[partition]}/{partition}/{unit}"
+
+
+def partition_unit_dirs(partition):
+    return [unit_dir(partition, u) for u in range(mmconfig.units(config, partition))]
+
+
+def ind_dir(partition):
+    """A one-unit partition's ind model is its unit model: nothing is trained twice."""
+    if mmconfig.units(config, partition) == 1:
+        return unit_dir(partition, 0)
+    return f"work/models/ind/{partition}"
+
+
+def get_seq_inputs(wildcards):
+    members = mmconfig.mixture_members(wildcards.mixture)
+    shards = [f for p in members for f in shard_files(shard("train", PARTITIONS[p], p))]
+    return shards
+
+
+def seq_unit_flags(wildcards):
+    members = mmconfig.mixture_members(wildcards.mixture)
+    return " ".join(f"--unit {u}" for p in members for u in partition_units(p))
+
+
+# --- merges ---------------------------------------------------------------------------
+
+
+def get_merge_inputs(wildcards):
+    members = mmconfig.mixture_members(wildcards.mixture)
+    dirs = [d for p in members for d in partition_unit_dirs(p)]
+    files = [f"{d}/model.safetensors" for d in dirs]
+    if wildcards.method == "weighted":
+        files.extend(f"{shard('train', PARTITIONS[p], p)}.json" for p in members)
+    return files
+
+
+def merge_flags(wildcards):
+    members = mmconfig.mixture_members(wildcards.mixture)
+    flags = [f"--model {p}={d}" for p in members for d in partition_unit_dirs(p)]
+    if wildcards.method == "weighted":
+        flags.extend(
+            [f"--tokens {p}={shard('train', PARTITIONS[p], p)}.json" for p in members]
+        )
+    return " ".join(flags)
+
+
+# --- evaluation -----------------------------------------------------------------------
+
+
+def eval_domains(partitions):
+    """Domain flags: every OOD set, plus the held-out sets of `partitions`."""
+    ev = config["eval"]
+    out = []
+    for name, spec in ev["ood"].items():
+        prefix = (
+            shard("heldout", "seed", "seed")
+            if "seed_heldout" in spec["load"]
+            else shard("heldout", "ood", name)
+        )
+        out.append(f"{name}:ood:{ev['max_tokens']}:{prefix}")
+    for p in partitions:
+        out.append(f"{p}:id:{ev['max_tokens_id']}:{shard('heldout', PARTITIONS[p], p)}")
+    return out
+
+
+def domain_flags(partitions):
+    return " ".join(f"--domain {d}" for d in eval_domains(partitions))
+
+
+def domain_files(partitions):
+    return [
+        f for d in eval_domains(partitions) for f in shard_files(d.split(":", 3)[3])
+    ]
+
+
+def ind_eval_csv(partition):
+    if mmconfig.units(config, partition) == 1:
+        return f"results/ppl/unit/{partition}/0.csv"
+    return f"results/ppl/ind/{partition}.csv"
+
+
+def all_ppl_csvs():
+    """Every per-model perplexity CSV the analysis reads."""
+    out = ["results/ppl/seed/seed.csv"]
+    out.extend(ind_eval_csv(p) for p in PARTITIONS)
+    if config["mixtures"]["seq"]:
+        out.extend(f"results/ppl/seq/{m}.csv" for m in MIXTURES)
+    out.extend(
+        f"results/ppl/merged/{method}/{m}.csv"
+        for method in config["merge"]["methods"]
+        for m in MIXTURES
+    )
+    return out

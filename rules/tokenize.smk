@@ -1,0 +1,78 @@
+# Partition files to tokenizer to token shards (train and held-out memmaps, index, sidecar).
+
+
+rule tokenizer:
+    """Train a byte-level BPE on the seed corpus, or fetch a named tokenizer."""
+    input:
+        []
+        if (config["tokenizer"]["name"] or SEED_PRETRAINED)
+        else "work/partitions/seed/seed.parquet",
+    output:
+        "work/tokenizer/tokenizer.json",
+    log:
+        "logs/tokenizer.log",
+    conda:
+        "../envs/mergemix.yaml"
+    resources:
+        mem_mb=res("light", "mem_mb"),
+        runtime=res("light", "runtime"),
+    params:
+        how=(
+            f"--name {config['tokenizer']['name'] or SEED_PRETRAINED}"
+            if (config["tokenizer"]["name"] or SEED_PRETRAINED)
+            else "--input work/partitions/seed/seed.parquet"
+        ),
+        vocab=config["tokenizer"]["vocab_size"],
+    shell:
+        "python -m mergemix.tokenize tokenizer {params.how} --vocab-size {params.vocab}"
+        " --out-dir work/tokenizer > {log} 2>&1"
+
+
+rule shards:
+    """Split a partition (or the seed corpus) into train / held-out token shards."""
+    input:
+        docs="work/partitions/{group}/{name}.parquet",
+        tokenizer="work/tokenizer/tokenizer.json",
+    output:
+        multiext(TRAIN_SHARD, ".bin", ".idx", ".json"),
+        multiext(HELDOUT_SHARD, ".bin", ".idx", ".json"),
+    log:
+        "logs/shards/{group}/{name}.log",
+    wildcard_constraints:
+        group=r"(?!ood/)[A-Za-z0-9_.-]+",
+    conda:
+        "../envs/mergemix.yaml"
+    resources:
+        mem_mb=res("light", "mem_mb"),
+        runtime=res("light", "runtime"),
+    params:
+        heldout=heldout_fraction,
+        segment=config["tokenizer"]["segment_chars"],
+        seed=config["random_seed"],
+    shell:
+        "python -m mergemix.tokenize shards --input {input.docs} --tokenizer work/tokenizer"
+        " --out-dir work/tokens/{wildcards.group}/{wildcards.name} --heldout-fraction {params.heldout}"
+        " --segment-chars {params.segment} --seed {params.seed} > {log} 2>&1"
+
+
+rule shards_ood:
+    """An out-of-domain set: every document is an evaluation document."""
+    input:
+        docs="work/partitions/ood/{name}.parquet",
+        tokenizer="work/tokenizer/tokenizer.json",
+    output:
+        shard_files("work/tokens/ood/{name}/heldout"),
+    log:
+        "logs/shards/ood/{name}.log",
+    conda:
+        "../envs/mergemix.yaml"
+    resources:
+        mem_mb=res("light", "mem_mb"),
+        runtime=res("light", "runtime"),
+    params:
+        segment=config["tokenizer"]["segment_chars"],
+        seed=config["random_seed"],
+    shell:
+        "python -m mergemix.tokenize shards --heldout-only --input {input.docs} --tokenizer work/tokenizer"
+        " --out-dir work/tokens/ood/{wildcards.name} --heldout-fraction 1 --segment-chars {params.segment}"
+        " --seed {params.seed} > {log} 2>&1"

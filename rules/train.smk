@@ -1,0 +1,134 @@
+# Token shards -> seed checkpoint -> unit, ind and seq checkpoints (DeepSpeed).
+
+TRAIN_FLAGS = (
+    f"--tokenizer work/tokenizer --model-json {json_flag(config['model'])}"
+    f" --train-json {json_flag(config['train'])} --seed {config['random_seed']}"
+)
+CONTINUED = f"--init work/models/seed --phase-json {json_flag(config['train']['continued'])} --unit-tokens {config['train']['unit_tokens']}"
+EXT_DIR = f"{config['cache_dir']}/torch_extensions"
+SEED_PHASE = {k: v for k, v in config["train"]["seed_phase"].items() if k != "tokens"}
+
+
+rule seed:
+    """Pretrain the shared seed model on the seed corpus (or import seed.pretrained)."""
+    input:
+        tokenizer="work/tokenizer/tokenizer.json",
+        shard=[] if SEED_PRETRAINED else shard_files(shard("train", "seed", "seed")),
+    output:
+        model="work/models/seed/model.safetensors",
+        sidecar="work/models/seed/mergemix.json",
+    log:
+        "logs/train/seed.log",
+    benchmark:
+        "results/benchmarks/train/seed.tsv"
+    conda:
+        "../envs/mergemix.yaml"
+    threads: res("train", "threads")
+    resources:
+        mem_mb=res("train", "mem_mb"),
+        runtime=res("train", "runtime"),
+        gpu=res("train", "gpu"),
+    params:
+        how=(
+            f"--pretrained {SEED_PRETRAINED}"
+            if SEED_PRETRAINED
+            else f"--unit {shard('train', 'seed', 'seed')}:0 --unit-tokens {config['train']['seed_phase']['tokens']}"
+            f" --phase-json {json_flag(SEED_PHASE)}"
+        ),
+        flags=TRAIN_FLAGS,
+        ext=EXT_DIR,
+    shell:
+        "TORCH_EXTENSIONS_DIR={params.ext} python -m mergemix.train --kind seed {params.how} {params.flags}"
+        " --threads {threads} --out work/models/seed > {log} 2>&1"
+
+
+rule unit:
+    """Continue pretraining the seed on one base unit of one partition."""
+    input:
+        seed="work/models/seed/model.safetensors",
+        shard=shard_files("work/tokens/{source}/{partition}/train"),
+    output:
+        model="work/models/unit/{source}/{partition}/{unit}/model.safetensors",
+        sidecar="work/models/unit/{source}/{partition}/{unit}/mergemix.json",
+    log:
+        "logs/train/unit/{source}/{partition}/{unit}.log",
+    benchmark:
+        "results/benchmarks/train/unit/{source}/{partition}/{unit}.tsv"
+    conda:
+        "../envs/mergemix.yaml"
+    threads: res("train", "threads")
+    resources:
+        mem_mb=res("train", "mem_mb"),
+        runtime=res("train", "runtime"),
+        gpu=res("train", "gpu"),
+    params:
+        flags=f"{TRAIN_FLAGS} {CONTINUED}",
+        meta=lambda w: json_flag({"partition": w.partition, "unit": int(w.unit)}),
+        ext=EXT_DIR,
+    shell:
+        "TORCH_EXTENSIONS_DIR={params.ext} python -m mergemix.train --kind unit"
+        " --unit work/tokens/{wildcards.source}/{wildcards.partition}/train:{wildcards.unit}"
+        " {params.flags} --meta-json {params.meta} --threads {threads}"
+        " --out work/models/unit/{wildcards.source}/{wildcards.partition}/{wildcards.unit} > {log} 2>&1"
+
+
+rule ind:
+    """A partition of several units trained alone (one-unit partitions reuse their unit model)."""
+    input:
+        seed="work/models/seed/model.safetensors",
+        shard=lambda w: shard_files(
+            shard("train", PARTITIONS[w.partition], w.partition)
+        ),
+    output:
+        model="work/models/ind/{partition}/model.safetensors",
+        sidecar="work/models/ind/{partition}/mergemix.json",
+    log:
+        "logs/train/ind/{partition}.log",
+    benchmark:
+        "results/benchmarks/train/ind/{partition}.tsv"
+    conda:
+        "../envs/mergemix.yaml"
+    threads: res("train", "threads")
+    resources:
+        mem_mb=res("train", "mem_mb"),
+        runtime=res("train", "runtime"),
+        gpu=res("train", "gpu"),
+    params:
+        units=lambda w: " ".join(f"--unit {u}" for u in partition_units(w.partition)),
+        flags=f"{TRAIN_FLAGS} {CONTINUED}",
+        meta=lambda w: json_flag({"partitions": [w.partition]}),
+        ext=EXT_DIR,
+    shell:
+        "TORCH_EXTENSIONS_DIR={params.ext} python -m mergemix.train --kind ind {params.units}"
+        " {params.flags} --meta-json {params.meta} --threads {threads}"
+        " --out work/models/ind/{wildcards.partition} > {log} 2>&1"
+
+
+rule seq:
+    """The ground truth: the seed trained on a whole mixture, its units' windows shuffled together."""
+    input:
+        seed="work/models/seed/model.safetensors",
+        shards=get_seq_inputs,
+    output:
+        model="work/models/seq/{mixture}/model.safetensors",
+        sidecar="work/models/seq/{mixture}/mergemix.json",
+    log:
+        "logs/train/seq/{mixture}.log",
+    benchmark:
+        "results/benchmarks/train/seq/{mixture}.tsv"
+    conda:
+        "../envs/mergemix.yaml"
+    threads: res("train", "threads")
+    resources:
+        mem_mb=res("train", "mem_mb"),
+        runtime=res("train", "runtime"),
+        gpu=res("train", "gpu"),
+    params:
+        units=seq_unit_flags,
+        flags=f"{TRAIN_FLAGS} {CONTINUED}",
+        meta=lambda w: json_flag({"mixture": w.mixture}),
+        ext=EXT_DIR,
+    shell:
+        "TORCH_EXTENSIONS_DIR={params.ext} python -m mergemix.train --kind seq {params.units}"
+        " {params.flags} --meta-json {params.meta} --threads {threads}"
+        " --out work/models/seq/{wildcards.mixture} > {log} 2>&1"

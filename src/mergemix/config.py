@@ -1,0 +1,205 @@
+"""Configuration: schema validation, the study's nouns, and typed sections.
+
+The workflow's `config.yaml` is checked twice before any job runs: against the JSON
+schema shipped beside this module (unknown keys, types, bounds), then for meaning
+(unique partition names, mixtures that name real partitions, a sample that fits).
+Every failure is one `ConfigError` line that names the key and the offending value.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import jsonschema
+import yaml
+
+MIXTURE_SEP = "+"
+
+
+class ConfigError(ValueError):
+    """A config.yaml problem, phrased for the user: the key, the value, what to do."""
+
+
+def schema() -> dict[str, Any]:
+    """The JSON schema of config.yaml (shipped inside the package)."""
+    text = resources.files("mergemix").joinpath("config.schema.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def _key_path(path: Any) -> str:
+    return ".".join(str(p) for p in path) or "<top level>"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    where = _key_path(error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed)) if isinstance(error.instance, dict) else []
+        key = f"{where}.{extra[0]}" if extra and where != "<top level>" else (extra[0] if extra else where)
+        hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
+        return f"unknown key '{key}' in config{hint}"
+    if error.validator == "required":
+        missing = error.message.split("'")[1] if "'" in error.message else error.message
+        key = missing if where == "<top level>" else f"{where}.{missing}"
+        return f"missing key '{key}' in config: add it (see the commented config.yaml)"
+    if error.validator == "propertyNames":
+        return f"invalid name {error.instance!r} under '{where}': names must match [A-Za-z0-9_.-]+ and not be 'seed' or 'ood'"
+    if error.validator == "oneOf" and where.endswith("load"):
+        return f"'{where}' must have exactly one of 'demo', 'path' or 'seed_heldout' (got {error.instance!r})"
+    return f"invalid value for '{where}': {error.message}"
+
+
+def validate(config: dict[str, Any]) -> None:
+    """Raise ConfigError for the first schema or semantic problem in `config`."""
+    validator = jsonschema.Draft202012Validator(schema())
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(list(e.absolute_path)), str(e.absolute_path)))
+    if errors:
+        # Report the shallowest error: a typo'd key explains the deeper ones it causes.
+        raise ConfigError(_describe(errors[0]))
+    _check_semantics(config)
+
+
+def _check_semantics(config: dict[str, Any]) -> None:
+    owner: dict[str, str] = {}
+    for source, spec in config["sources"].items():
+        for partition in spec["partitions"]:
+            if partition in owner:
+                raise ConfigError(
+                    f"duplicate partition name '{partition}' in sources.{owner[partition]}.partitions "
+                    f"and sources.{source}.partitions: partition names must be unique across sources"
+                )
+            owner[partition] = source
+    clash = set(owner) & set(config["eval"]["ood"])
+    if clash:
+        raise ConfigError(f"eval.ood name '{sorted(clash)[0]}' is also a partition name: rename one of them")
+    for source, spec in config["sources"].items():
+        if "seed_heldout" in spec["load"]:
+            raise ConfigError(f"sources.{source}.load: seed_heldout is only valid for eval.ood sets")
+    if "seed_heldout" in config["seed"]["load"]:
+        raise ConfigError("seed.load: seed_heldout is only valid for eval.ood sets")
+    for i, mixture in enumerate(config["mixtures"]["include"]):
+        for partition in mixture:
+            if partition not in owner:
+                raise ConfigError(
+                    f"mixtures.include[{i}] names unknown partition '{partition}': "
+                    f"known partitions are {', '.join(sorted(owner))}"
+                )
+        if len(set(mixture)) != len(mixture):
+            raise ConfigError(f"mixtures.include[{i}] repeats a partition: {mixture}")
+    k = config["mixtures"]["k"]
+    if k > len(owner):
+        raise ConfigError(f"mixtures.k is {k} but only {len(owner)} partitions are configured: lower mixtures.k")
+    model = config["model"]
+    if model["hidden_size"] % model["num_heads"]:
+        raise ConfigError(
+            f"model.hidden_size ({model['hidden_size']}) must be divisible by model.num_heads ({model['num_heads']})"
+        )
+    for phase in ("seed_phase", "continued"):
+        section = config["train"][phase]
+        if section["min_lr"] > section["lr"]:
+            raise ConfigError(f"train.{phase}.min_lr ({section['min_lr']}) is larger than train.{phase}.lr ({section['lr']})")
+
+
+def load(path: str) -> dict[str, Any]:
+    """Read and validate a config file."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            config = yaml.safe_load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    if not isinstance(config, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys")
+    validate(config)
+    return config
+
+
+# --- the study's nouns --------------------------------------------------------------
+
+
+def partitions(config: dict[str, Any]) -> dict[str, str]:
+    """Partition name -> source name, in config order."""
+    return {p: s for s, spec in config["sources"].items() for p in spec["partitions"]}
+
+
+def units(config: dict[str, Any], partition: str) -> int:
+    """Number of base units of a partition."""
+    return config["sources"][partitions(config)[partition]]["partitions"][partition]
+
+
+def mixture_id(members: list[str] | tuple[str, ...]) -> str:
+    """Stable, readable id: sorted partition names joined by '+'."""
+    return MIXTURE_SEP.join(sorted(members))
+
+
+def mixture_members(mixture: str) -> list[str]:
+    return mixture.split(MIXTURE_SEP)
+
+
+def mixtures(config: dict[str, Any]) -> list[str]:
+    """The studied mixtures: a seeded sample (or all) of k-subsets plus `include`.
+
+    The sample depends only on the partition names, k, sample and the seed, so adding
+    a partition later changes the sample; list mixtures under `include` to pin them.
+    """
+    spec = config["mixtures"]
+    names = sorted(partitions(config))
+    subsets = [mixture_id(c) for c in itertools.combinations(names, spec["k"])]
+    if spec["sample"] is not None and spec["sample"] < len(subsets):
+        subsets = sorted(random.Random(config["random_seed"]).sample(subsets, spec["sample"]))
+    chosen = dict.fromkeys(subsets)
+    for members in spec["include"]:
+        chosen[mixture_id(members)] = None
+    return list(chosen)
+
+
+# --- typed sections used by the training code ----------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the GPT-NeoX built from scratch for the seed."""
+
+    hidden_size: int = 128  # width of the residual stream
+    num_layers: int = 4  # transformer blocks
+    num_heads: int = 4  # attention heads; hidden_size % num_heads == 0
+    intermediate_size: int = 512  # MLP width
+    context_length: int = 256  # tokens per training / evaluation window
+    vocab_size: int | None = None  # None: the tokenizer's size rounded up to 64
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})")
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    """One training phase's schedule: linear warm-up, then cosine decay to min_lr."""
+
+    batch_size: int
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    tokens: int | None = None  # seed phase only: tokens drawn from the seed corpus
+
+    def __post_init__(self) -> None:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) is larger than lr ({self.lr})")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimizer and engine settings shared by all phases."""
+
+    precision: str = "fp32"  # fp32 on CPUs; bf16 on GPUs
+    zero_stage: int = 0  # DeepSpeed ZeRO stage
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"train.precision must be fp32 or bf16, got {self.precision!r}")

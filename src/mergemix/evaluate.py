@@ -1,0 +1,195 @@
+"""Perplexity and bits per byte of one checkpoint on evaluation domains.
+
+Each document is scored on its own: an end-of-text token is put in front as context and
+the document's tokens are cut into disjoint windows of the model's context length, so
+every token is predicted exactly once and no document leaks into another's context.
+Perplexity is exp(total NLL / total tokens) over the domain's documents. Bits per byte
+(total NLL / ln 2 / total UTF-8 bytes) is reported beside it because, unlike perplexity,
+it does not depend on the tokenizer. Documents per domain are sampled with a fixed
+seed and capped in number and tokens, so every model sees exactly the same documents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io as stdio
+import logging
+import math
+import sys
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mergemix import io, model as mm
+from mergemix.tokenize import TokenizeError, open_tokens
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["model_kind", "model_id", "mixture", "method", "domain", "domain_kind",
+           "n_docs", "n_tokens", "n_bytes", "nll_sum", "ppl", "bpb"]
+
+
+class EvalError(ValueError):
+    """An evaluation input that cannot be used, named with the reason."""
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    kind: str  # id | ood
+    max_tokens: int
+    prefix: Path  # shard prefix: {prefix}.bin/.idx/.json
+
+    @classmethod
+    def parse(cls, spec: str) -> "Domain":
+        try:
+            name, kind, cap, prefix = spec.split(":", 3)
+            domain = cls(name, kind, int(cap), Path(prefix))
+        except ValueError as exc:
+            raise EvalError(f"bad --domain {spec!r}: expected NAME:KIND:MAX_TOKENS:PREFIX") from exc
+        if kind not in ("id", "ood"):
+            raise EvalError(f"--domain {name}: kind must be id or ood, got {kind!r}")
+        return domain
+
+
+def sample_documents(index: np.ndarray, n_tokens: int, max_docs: int, max_tokens: int, seed: int) -> list[tuple[int, int, int]]:
+    """Seeded choice of whole documents: (start, stop, bytes), stop excludes the trailing EOS.
+
+    Documents are visited in a seeded order and taken while they fit the token budget
+    (a document that does not fit is skipped, smaller ones after it may still fit);
+    at least one document is always taken.
+    """
+    starts = index[:, 0]
+    stops = np.append(starts[1:], n_tokens) - 1  # drop each document's trailing EOS
+    order = np.random.default_rng(seed).permutation(len(index))
+    chosen: list[tuple[int, int, int]] = []
+    budget = max_tokens
+    for i in order:
+        length = int(stops[i] - starts[i])
+        if length <= 0:
+            continue
+        if chosen and length > budget:
+            continue
+        chosen.append((int(starts[i]), int(stops[i]), int(index[i, 1])))
+        budget -= length
+        if len(chosen) >= max_docs or budget <= 0:
+            break
+    return sorted(chosen)
+
+
+def document_windows(tokens: np.ndarray, eos: int, context: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Disjoint (inputs, targets) windows of one document, EOS prepended as context."""
+    seq = np.concatenate([[eos], np.asarray(tokens, dtype=np.int64)])
+    out = []
+    for start in range(0, len(seq) - 1, context):
+        chunk = seq[start : start + context + 1]
+        out.append((chunk[:-1], chunk[1:]))
+    return out
+
+
+@torch.inference_mode()
+def score_windows(model: torch.nn.Module, windows: list[tuple[np.ndarray, np.ndarray]], batch_size: int, context: int) -> float:
+    """Summed NLL (nats) of all targets of the windows."""
+    device = next(model.parameters()).device
+    total = 0.0
+    # Sort by length so padded batches waste little compute; the sum does not care.
+    windows = sorted(windows, key=lambda w: len(w[0]), reverse=True)
+    for b in range(0, len(windows), batch_size):
+        batch = windows[b : b + batch_size]
+        width = len(batch[0][0])
+        inputs = torch.zeros((len(batch), width), dtype=torch.long)
+        targets = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, (x, y) in enumerate(batch):
+            inputs[row, : len(x)] = torch.from_numpy(x)
+            targets[row, : len(y)] = torch.from_numpy(y)
+            mask[row, : len(x)] = 1
+        logits = model(input_ids=inputs.to(device), attention_mask=mask.to(device)).logits.float()
+        total += torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.to(device).reshape(-1), ignore_index=-100, reduction="sum"
+        ).item()
+    return total
+
+
+def domain_seed(seed: int, name: str) -> int:
+    """The same documents for every model: the seed depends only on the run seed and domain."""
+    return seed ^ zlib.crc32(name.encode("utf-8"))
+
+
+def evaluate(model: torch.nn.Module, domains: list[Domain], max_docs: int, batch_size: int, seed: int) -> list[dict]:
+    """One row per domain with n_docs, n_tokens, n_bytes, nll_sum, ppl, bpb."""
+    context = model.config.max_position_embeddings
+    vocab = model.get_input_embeddings().weight.shape[0]
+    rows = []
+    for domain in domains:
+        try:
+            tokens, index, meta = open_tokens(domain.prefix)
+        except FileNotFoundError as exc:
+            raise EvalError(f"evaluation shard {domain.prefix}.bin/.idx/.json of domain '{domain.name}' is missing") from exc
+        if len(index) == 0:
+            raise EvalError(f"domain '{domain.name}' ({domain.prefix}) has no documents")
+        if meta["vocab_size"] > vocab:
+            raise EvalError(
+                f"domain '{domain.name}' was tokenized with {meta['vocab_size']} tokens but the model has {vocab} embedding rows"
+            )
+        docs = sample_documents(index, tokens.size, max_docs, domain.max_tokens, domain_seed(seed, domain.name))
+        windows = [w for start, stop, _ in docs for w in document_windows(tokens[start:stop], meta["eos_id"], context)]
+        nll = score_windows(model, windows, batch_size, context)
+        n_tokens = sum(stop - start for start, stop, _ in docs)
+        n_bytes = sum(b for _, _, b in docs)
+        rows.append({
+            "domain": domain.name, "domain_kind": domain.kind, "n_docs": len(docs), "n_tokens": n_tokens,
+            "n_bytes": n_bytes, "nll_sum": nll, "ppl": math.exp(nll / n_tokens), "bpb": nll / math.log(2) / n_bytes,
+        })
+        log.info("%s: %d docs, %d tokens, ppl %.3f, bpb %.4f", domain.name, len(docs), n_tokens, rows[-1]["ppl"], rows[-1]["bpb"])
+    return rows
+
+
+def rows_csv(rows: list[dict]) -> str:
+    buf = stdio.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.10g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mergemix.evaluate", description=__doc__)
+    parser.add_argument("--model", type=Path, required=True, help="checkpoint folder")
+    parser.add_argument("--domain", action="append", default=[], help="NAME:KIND:MAX_TOKENS:SHARD_PREFIX (repeatable)")
+    parser.add_argument("--out", type=Path, required=True, help="CSV of rows to write")
+    parser.add_argument("--model-kind", required=True)
+    parser.add_argument("--model-id", required=True)
+    parser.add_argument("--mixture", default="")
+    parser.add_argument("--method", default="")
+    parser.add_argument("--max-docs", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        domains = [Domain.parse(d) for d in args.domain]
+        if not domains:
+            raise EvalError("no --domain given")
+        model = mm.load(args.model).eval()
+        if torch.cuda.is_available():
+            model = model.cuda()
+        rows = evaluate(model, domains, args.max_docs, args.batch_size, args.seed)
+        ident = {"model_kind": args.model_kind, "model_id": args.model_id, "mixture": args.mixture, "method": args.method}
+        io.write_text(args.out, rows_csv([{**ident, **row} for row in rows]))
+    except (EvalError, TokenizeError, mm.CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

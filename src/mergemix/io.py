@@ -1,0 +1,90 @@
+"""Small file helpers shared by every stage: atomic, content-stable writes and hashing.
+
+Snakemake decides what to rerun from files; a half-written file or a rewrite with the
+same bytes (new mtime) would make it rerun work or trust garbage. So every output is
+written to a temporary name in its own folder and renamed into place, and only when its
+bytes change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_bytes(path: str | Path, data: bytes, only_if_changed: bool = True) -> bool:
+    """Atomically write `data` to `path`; return False when the file already held it."""
+    path = Path(path)
+    if only_if_changed and path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return True
+
+
+def write_text(path: str | Path, text: str, only_if_changed: bool = True) -> bool:
+    return write_bytes(path, text.encode("utf-8"), only_if_changed)
+
+
+def write_json(path: str | Path, obj: Any, only_if_changed: bool = True) -> bool:
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", only_if_changed)
+
+
+def read_json(path: str | Path) -> Any:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+class StagingDir:
+    """A temporary folder beside `target` whose files are moved into `target` on success.
+
+    Files land in `target` one by one with os.replace, in the order given to `commit`, so
+    the file a workflow watches (e.g. model.safetensors) can be moved last. On failure
+    the staging folder is deleted and `target` keeps whatever it held before.
+    """
+
+    def __init__(self, target: str | Path) -> None:
+        self.target = Path(target)
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".tmp", dir=self.target.parent))
+
+    def commit(self, last: tuple[str, ...] = ()) -> None:
+        self.target.mkdir(parents=True, exist_ok=True)
+        names = sorted(p.name for p in self.path.iterdir())
+        order = [n for n in names if n not in last] + [n for n in last if n in names]
+        for name in order:
+            os.replace(self.path / name, self.target / name)
+        self.path.rmdir()
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def __enter__(self) -> "StagingDir":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.discard()

@@ -1,0 +1,184 @@
+"""Parameter averaging of checkpoints: micro, macro and token-weighted merges.
+
+Every method is a set of per-checkpoint weights (a pure function, `merge_weights`) fed
+to one streaming average (`average`). The average reads tensor by tensor through
+safetensors' lazy reader, accumulates in float32, and refuses checkpoints that did not
+grow from the same seed or whose architecture, tensor names or shapes differ, naming
+the tensor and both shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from mergemix import io, model as mm
+
+log = logging.getLogger(__name__)
+
+METHODS = ("micro", "macro", "weighted", "merged")
+# config.json keys that describe how a file was written, not the architecture.
+_NON_ARCH_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures"}
+
+
+class MergeError(ValueError):
+    """Checkpoints that cannot be averaged, with the reason and the culprit named."""
+
+
+def merge_weights(method: str, groups: dict[str, list[str]], tokens: dict[str, int] | None = None) -> dict[str, float]:
+    """Per-checkpoint weights (summing to 1) for a mixture's partitions.
+
+    groups: partition -> its checkpoints (unit models, or its one ind model).
+    micro: uniform over all checkpoints; macro: uniform over partitions, then over each
+    partition's checkpoints; weighted: partitions in proportion to their token counts;
+    merged: uniform over the given (ind) checkpoints, one per partition.
+    """
+    if method not in METHODS:
+        raise MergeError(f"unknown merge method '{method}': use one of {', '.join(METHODS)}")
+    if not groups or any(not members for members in groups.values()):
+        raise MergeError("every partition of a merge needs at least one checkpoint")
+    if method in ("micro", "merged"):
+        n = sum(len(m) for m in groups.values())
+        return {ckpt: 1.0 / n for members in groups.values() for ckpt in members}
+    if method == "macro":
+        share = {p: 1.0 / len(groups) for p in groups}
+    else:
+        missing = [p for p in groups if not tokens or p not in tokens]
+        if missing:
+            raise MergeError(f"weighted merge needs the token count of partition '{missing[0]}'")
+        total = sum(tokens[p] for p in groups)
+        share = {p: tokens[p] / total for p in groups}
+    return {ckpt: share[p] / len(members) for p, members in groups.items() for ckpt in members}
+
+
+def _architecture(path: Path) -> dict:
+    config = io.read_json(path / "config.json")
+    return {k: v for k, v in config.items() if k not in _NON_ARCH_KEYS}
+
+
+def check_compatible(paths: list[Path]) -> dict:
+    """Refuse checkpoints of different seeds, architectures, tensor names or shapes."""
+    from safetensors import safe_open
+
+    if not paths:
+        raise MergeError("nothing to merge: no checkpoints given")
+    first = paths[0]
+    seed = mm.read_sidecar(first).get("seed_sha256")
+    arch = _architecture(first)
+    with safe_open(first / mm.WEIGHTS, framework="pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    for path in paths[1:]:
+        other_seed = mm.read_sidecar(path).get("seed_sha256")
+        if other_seed != seed:
+            raise MergeError(f"{path} grew from seed {str(other_seed)[:12]}, {first} from {str(seed)[:12]}: only models of one seed can be merged")
+        other_arch = _architecture(path)
+        if other_arch != arch:
+            key = next(k for k in sorted(set(arch) | set(other_arch)) if arch.get(k) != other_arch.get(k))
+            raise MergeError(f"{path} differs from {first} in config '{key}': {other_arch.get(key)!r} vs {arch.get(key)!r}")
+        with safe_open(path / mm.WEIGHTS, framework="pt") as f:
+            keys = set(f.keys())
+            if keys != set(shapes):
+                name = sorted(keys ^ set(shapes))[0]
+                where = path if name in keys else first
+                raise MergeError(f"tensor '{name}' exists only in {where}: checkpoints must have the same tensors")
+            for name in sorted(keys):
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != shapes[name]:
+                    raise MergeError(f"tensor '{name}' has shape {shape} in {path} but {shapes[name]} in {first}")
+    return {"seed_sha256": seed, "config": io.read_json(first / "config.json")}
+
+
+def average(weights: dict[Path, float]) -> dict[str, torch.Tensor]:
+    """Weighted average, streamed: one tensor of one input is in memory at a time."""
+    from safetensors import safe_open
+
+    paths = list(weights)
+    handles = [safe_open(p / mm.WEIGHTS, framework="pt") for p in paths]
+    out: dict[str, torch.Tensor] = {}
+    for name in handles[0].keys():
+        acc: torch.Tensor | None = None
+        dtype = None
+        for path, handle in zip(paths, handles):
+            tensor = handle.get_tensor(name)
+            dtype = tensor.dtype
+            term = tensor.to(torch.float32) * weights[path]
+            acc = term if acc is None else acc.add_(term)
+        out[name] = acc.to(dtype)
+    return out
+
+
+def merge(method: str, groups: dict[str, list[Path]], out: Path, tokens: dict[str, int] | None = None) -> dict:
+    """Merge a mixture's checkpoints into a new checkpoint folder at `out`."""
+    from safetensors.torch import save_file
+
+    by_name = {str(p): p for members in groups.values() for p in members}
+    missing = [p for p in by_name.values() if not (p / mm.WEIGHTS).is_file()]
+    if missing:
+        raise MergeError(f"checkpoint {missing[0]} has no {mm.WEIGHTS}: train it first")
+    info = check_compatible(list(by_name.values()))
+    weights = merge_weights(method, {p: [str(m) for m in ms] for p, ms in groups.items()}, tokens)
+    state = average({by_name[k]: w for k, w in weights.items()})
+    sidecar = {
+        "kind": "merged",
+        "method": method,
+        "seed_sha256": info["seed_sha256"],
+        "partitions": sorted(groups),
+        "weights": weights,
+        "tokens": tokens or {},
+    }
+    with io.StagingDir(out) as stage:
+        io.write_json(stage.path / "config.json", info["config"])
+        save_file(state, stage.path / mm.WEIGHTS, metadata={"format": "pt"})
+        sidecar["weights_sha256"] = io.sha256_file(stage.path / mm.WEIGHTS)
+        io.write_json(stage.path / mm.SIDECAR, sidecar)
+        stage.commit(last=(mm.SIDECAR, mm.WEIGHTS))
+    return sidecar
+
+
+def _pairs(items: list[str], flag: str) -> list[tuple[str, str]]:
+    out = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise MergeError(f"bad {flag} {item!r}: expected PARTITION=VALUE")
+        out.append((key, value))
+    return out
+
+
+def _token_count(value: str) -> int:
+    """An integer, or a token shard sidecar (train.json) whose n_tokens is read."""
+    if value.isdigit():
+        return int(value)
+    path = Path(value)
+    if not path.is_file():
+        raise MergeError(f"--tokens {value}: not an integer and no such shard sidecar file")
+    return int(io.read_json(path)["n_tokens"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mergemix.merge", description=__doc__)
+    parser.add_argument("--method", choices=METHODS, required=True)
+    parser.add_argument("--model", action="append", default=[], help="PARTITION=CHECKPOINT_DIR (repeatable)")
+    parser.add_argument("--tokens", action="append", default=[], help="PARTITION=TOKENS or PARTITION=SHARD_SIDECAR.json (weighted merges)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        groups: dict[str, list[Path]] = {}
+        for partition, path in _pairs(args.model, "--model"):
+            groups.setdefault(partition, []).append(Path(path))
+        tokens = {p: _token_count(n) for p, n in _pairs(args.tokens, "--tokens")}
+        sidecar = merge(args.method, groups, args.out, tokens)
+        log.info("merged %d checkpoints (%s) into %s", len(sidecar["weights"]), args.method, args.out)
+    except (MergeError, mm.CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The model: a GPT-NeoX built by transformers from a small config, and checkpoint folders.
+
+The block runs attention and MLP in parallel (`use_parallel_residual`), the "PaLM-like"
+block of the paper. A checkpoint is a Hugging Face folder (config.json +
+model.safetensors) plus `mergemix.json`, a sidecar that makes it self-describing:
+which seed it grew from, on what data, for how many tokens and steps, on what hardware.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergemix import io
+from mergemix.config import ModelConfig
+
+SIDECAR = "mergemix.json"
+WEIGHTS = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be used, named with the reason."""
+
+
+def round_vocab(n: int, multiple: int = 64) -> int:
+    return -(-n // multiple) * multiple
+
+
+def build(cfg: ModelConfig, tokenizer_size: int, eos_id: int) -> torch.nn.Module:
+    """A freshly initialised GPT-NeoX whose embedding fits the tokenizer."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    vocab = cfg.vocab_size if cfg.vocab_size is not None else round_vocab(tokenizer_size)
+    if vocab < tokenizer_size:
+        raise CheckpointError(
+            f"model.vocab_size is {vocab} but the tokenizer has {tokenizer_size} tokens: "
+            f"set model.vocab_size to null or to at least {tokenizer_size}"
+        )
+    config = GPTNeoXConfig(
+        vocab_size=vocab,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.context_length,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+    )
+    return GPTNeoXForCausalLM(config)
+
+
+def load(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Load a checkpoint folder with transformers (safetensors only: never a pickle)."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / WEIGHTS).is_file():
+        raise CheckpointError(f"checkpoint {path} has no {WEIGHTS}")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+
+
+def read_sidecar(path: str | Path) -> dict[str, Any]:
+    file = Path(path) / SIDECAR
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {SIDECAR}: it was not written by mergemix")
+    return io.read_json(file)
+
+
+def hardware() -> dict[str, Any]:
+    info: dict[str, Any] = {"machine": platform.machine(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpus"] = torch.cuda.device_count()
+    else:
+        info["cpu"] = platform.processor() or platform.machine()
+    return info
+
+
+def save(
+    model: torch.nn.Module,
+    out: str | Path,
+    sidecar: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+    is_seed: bool = False,
+) -> dict[str, Any]:
+    """Write model + sidecar atomically; model.safetensors is moved into place last.
+
+    `extra` maps file names to tensor dicts saved as additional safetensors files (the
+    seed's optimizer state). A seed's `seed_sha256` is the hash of its own weights.
+    """
+    from safetensors.torch import save_file
+
+    with io.StagingDir(out) as stage:
+        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        model.config.save_pretrained(stage.path)
+        save_file(state, stage.path / WEIGHTS, metadata={"format": "pt"})
+        for name, tensors in (extra or {}).items():
+            save_file(tensors, stage.path / name, metadata={"format": "pt"})
+        sidecar = {**sidecar, "weights_sha256": io.sha256_file(stage.path / WEIGHTS)}
+        if is_seed:
+            sidecar["seed_sha256"] = sidecar["weights_sha256"]
+        io.write_json(stage.path / SIDECAR, sidecar)
+        stage.commit(last=(SIDECAR, WEIGHTS))
+    return sidecar

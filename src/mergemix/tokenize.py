@@ -1,0 +1,263 @@
+"""Tokenizer and token shards.
+
+A shard is a flat numpy memmap of token ids (`{split}.bin`), an index of its documents
+(`{split}.idx`: int64 rows of (first token, UTF-8 bytes)), and a JSON sidecar. Training
+reads the train stream as packed windows; evaluation reads held-out documents one by
+one, and needs their byte counts for bits per byte.
+
+Documents are split into train and held-out *before* long ones are cut into segments,
+so no document straddles the two splits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from mergemix import io
+
+log = logging.getLogger(__name__)
+
+EOS = "<|endoftext|>"
+
+
+class TokenizeError(ValueError):
+    """Bad tokenizer or partition input, phrased for the user."""
+
+
+# --- tokenizer -------------------------------------------------------------------------
+
+
+def train_bpe(texts: list[str], vocab_size: int, out_dir: Path) -> None:
+    """Train a byte-level BPE (GPT-2 style) and save it as a Hugging Face tokenizer folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=None)
+    _save_tokenizer(fast, out_dir)
+
+
+def fetch_pretrained(name: str, out_dir: Path) -> None:
+    """Copy a Hugging Face tokenizer (hub name or folder) into the workflow's folder."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise TokenizeError(f"cannot load tokenizer '{name}' (tokenizer.name / seed.pretrained): {exc}") from exc
+    if not tok.is_fast:
+        raise TokenizeError(f"tokenizer '{name}' has no fast (tokenizers) version: give a tokenizer with tokenizer.json")
+    if tok.eos_token_id is None:
+        raise TokenizeError(f"tokenizer '{name}' defines no end-of-text token: mergemix separates documents with it")
+    _save_tokenizer(tok, out_dir)
+
+
+def _save_tokenizer(tok, out_dir: Path) -> None:
+    with io.StagingDir(out_dir) as stage:
+        tok.save_pretrained(stage.path)
+        stage.commit(last=("tokenizer.json",))
+
+
+def load_tokenizer(path: str | Path):
+    """Load the workflow's tokenizer folder (always a fast tokenizer with an EOS token)."""
+    from transformers import PreTrainedTokenizerFast
+
+    file = Path(path) / "tokenizer.json"
+    if not file.is_file():
+        raise TokenizeError(f"tokenizer file {file} is missing: run the tokenizer rule first")
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+
+def tokenizer_hash(path: str | Path) -> str:
+    return io.sha256_file(Path(path) / "tokenizer.json")
+
+
+# --- shards ------------------------------------------------------------------------------
+
+
+def segments(text: str, max_chars: int) -> list[str]:
+    """Cut a document into pieces of at most `max_chars`, preferring paragraph, then line, breaks."""
+    if len(text) <= max_chars:
+        return [text]
+    out: list[str] = []
+    current = ""
+    for sep in ("\n\n", "\n", " "):
+        if sep in text:
+            break
+    else:
+        return [text[i : i + max_chars] for i in range(0, len(text), max_chars)]
+    for piece in text.split(sep):
+        candidate = piece if not current else current + sep + piece
+        if len(candidate) <= max_chars:
+            current = candidate
+            continue
+        if current:
+            out.append(current)
+        if len(piece) > max_chars:
+            out.extend(segments(piece, max_chars))
+            current = ""
+        else:
+            current = piece
+    if current:
+        out.append(current)
+    return out
+
+
+def split_documents(n_docs: int, heldout_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded document-level split; both sides non-empty unless the fraction is 0 or 1."""
+    order = list(range(n_docs))
+    random.Random(seed).shuffle(order)
+    if heldout_fraction >= 1.0:
+        return [], sorted(order)
+    n_heldout = min(n_docs - 1, max(1, round(heldout_fraction * n_docs)))
+    return order[n_heldout:], sorted(order[:n_heldout])
+
+
+def _encode(tok, texts: list[str]) -> list[list[int]]:
+    return [enc.ids for enc in tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+def write_shard(tok, texts: list[str], out_prefix: Path, meta: dict) -> dict:
+    """Tokenize `texts` (already segmented) into `{prefix}.bin/.idx/.json`; each ends with EOS."""
+    eos = tok.eos_token_id
+    ids = _encode(tok, texts) if texts else []
+    lengths = np.array([len(x) + 1 for x in ids], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(ids) else np.zeros(0, np.int64)
+    n_bytes = np.array([len(t.encode("utf-8")) for t in texts], dtype=np.int64)
+    vocab = len(tok)
+    dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32
+    flat = np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=dtype, count=int(lengths.sum()))
+    index = np.stack([starts, n_bytes], axis=1).astype(np.int64) if len(ids) else np.zeros((0, 2), np.int64)
+    io.write_bytes(out_prefix.with_suffix(".bin"), flat.tobytes())
+    io.write_bytes(out_prefix.with_suffix(".idx"), index.tobytes())
+    sidecar = {
+        **meta,
+        "dtype": np.dtype(dtype).name,
+        "n_tokens": int(flat.size),
+        "n_docs": len(texts),
+        "n_bytes": int(n_bytes.sum()),
+        "vocab_size": vocab,
+        "eos_id": int(eos),
+    }
+    io.write_json(out_prefix.with_suffix(".json"), sidecar)
+    return sidecar
+
+
+def make_shards(
+    partition_file: Path,
+    tokenizer_dir: Path,
+    out_dir: Path,
+    heldout_fraction: float,
+    segment_chars: int,
+    seed: int,
+    splits: tuple[str, ...] = ("train", "heldout"),
+) -> dict[str, dict]:
+    """Split a partition's documents, segment them and write one shard per split."""
+    if not partition_file.is_file():
+        raise TokenizeError(f"partition file {partition_file} is missing")
+    texts = pl.read_parquet(partition_file, columns=["text"])["text"].to_list()
+    name = f"{partition_file.parent.name}/{partition_file.stem}"
+    if not texts:
+        raise TokenizeError(f"partition {name} ({partition_file}) has no documents: fix its definition in config.yaml")
+    if "train" in splits and len(texts) < 2:
+        raise TokenizeError(
+            f"partition {name} has {len(texts)} document; at least 2 are needed to hold one out: merge it with another"
+        )
+    tok = load_tokenizer(tokenizer_dir)
+    train_ids, heldout_ids = split_documents(len(texts), heldout_fraction if "train" in splits else 1.0, seed)
+    meta = {"partition": name, "tokenizer_sha256": tokenizer_hash(tokenizer_dir), "seed": seed}
+    out: dict[str, dict] = {}
+    for split, ids in (("train", train_ids), ("heldout", heldout_ids)):
+        if split not in splits:
+            continue
+        pieces = [s for i in ids for s in segments(texts[i], segment_chars)]
+        out[split] = write_shard(tok, pieces, out_dir / split, {**meta, "split": split, "n_source_docs": len(ids)})
+        log.info("%s/%s: %d docs, %d tokens", name, split, len(ids), out[split]["n_tokens"])
+    return out
+
+
+# --- reading shards --------------------------------------------------------------------
+
+
+def open_tokens(prefix: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Memory-map a shard: (tokens, index rows of (start, bytes), sidecar)."""
+    prefix = Path(prefix)
+    meta = io.read_json(prefix.with_suffix(".json"))
+    tokens = np.memmap(prefix.with_suffix(".bin"), dtype=np.dtype(meta["dtype"]), mode="r")
+    if tokens.size != meta["n_tokens"]:
+        raise TokenizeError(f"{prefix.with_suffix('.bin')} holds {tokens.size} tokens but its sidecar says {meta['n_tokens']}: delete it and rerun")
+    index = np.fromfile(prefix.with_suffix(".idx"), dtype=np.int64).reshape(-1, 2)
+    return tokens, index, meta
+
+
+def unit_ranges(n_tokens: int, unit_tokens: int, unit: int) -> list[tuple[int, int]]:
+    """Half-open ranges of a partition's train stream that form base unit `unit`.
+
+    Unit u is [u*U, (u+1)*U) of the stream read cyclically: units are disjoint while
+    they fit, and a partition shorter than its units is repeated (upsampled) so that
+    every unit has exactly U tokens.
+    """
+    if n_tokens <= 0:
+        raise TokenizeError("cannot cut units from an empty token stream")
+    ranges: list[tuple[int, int]] = []
+    pos, end = unit * unit_tokens, (unit + 1) * unit_tokens
+    while pos < end:
+        start = pos % n_tokens
+        take = min(end - pos, n_tokens - start)
+        ranges.append((start, start + take))
+        pos += take
+    return ranges
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mergemix.tokenize", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("tokenizer", help="train a BPE on a partition file, or fetch a named tokenizer")
+    t.add_argument("--input", type=Path, help="partition parquet to train on")
+    t.add_argument("--name", help="Hugging Face tokenizer name or folder (instead of training)")
+    t.add_argument("--vocab-size", type=int, default=4096)
+    t.add_argument("--out-dir", type=Path, required=True)
+    s = sub.add_parser("shards", help="split, segment and tokenize one partition")
+    s.add_argument("--input", type=Path, required=True)
+    s.add_argument("--tokenizer", type=Path, required=True)
+    s.add_argument("--out-dir", type=Path, required=True)
+    s.add_argument("--heldout-fraction", type=float, required=True)
+    s.add_argument("--segment-chars", type=int, required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--heldout-only", action="store_true", help="all documents are evaluation documents")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        if args.cmd == "tokenizer":
+            if args.name:
+                fetch_pretrained(args.name, args.out_dir)
+            else:
+                texts = pl.read_parquet(args.input, columns=["text"])["text"].to_list()
+                train_bpe(texts, args.vocab_size, args.out_dir)
+        else:
+            splits = ("heldout",) if args.heldout_only else ("train", "heldout")
+            make_shards(args.input, args.tokenizer, args.out_dir, args.heldout_fraction, args.segment_chars, args.seed, splits)
+    except TokenizeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,324 @@
+"""Training through DeepSpeed: seed pretraining and continued pretraining of units,
+ind models and seq models.
+
+Every phase is one pass over packed windows of `context_length + 1` tokens (stride
+`context_length`, so each token is predicted once), shuffled with a fixed seed. The seed
+phase warms up and decays (cosine); continued pretraining starts from the seed's weights
+*and* its AdamW moments, re-warms the learning rate and then holds it (paper A.3).
+
+Run as `python -m mergemix.train --kind unit ...` (one process; on the CPU it sets up a
+world of size 1 itself) or under the `deepspeed` launcher for several GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mergemix import io, model as mm
+from mergemix.config import ModelConfig, PhaseConfig, TrainConfig
+from mergemix.tokenize import TokenizeError, load_tokenizer, open_tokens, tokenizer_hash, unit_ranges
+
+log = logging.getLogger(__name__)
+
+OPTIMIZER_FILE = "optimizer.safetensors"
+METRICS_FILE = "train_metrics.csv"
+
+
+class TrainError(ValueError):
+    """A training input that cannot be used, phrased for the user."""
+
+
+# --- data ------------------------------------------------------------------------------
+
+
+def parse_unit(spec: str) -> tuple[Path, int]:
+    """`PREFIX:INDEX` -> (train shard prefix, unit index)."""
+    prefix, sep, index = spec.rpartition(":")
+    if not sep or not prefix or not index.isdigit():
+        raise TrainError(f"bad --unit {spec!r}: expected SHARD_PREFIX:UNIT_INDEX")
+    return Path(prefix), int(index)
+
+
+def windows(units: list[str], unit_tokens: int, context: int, expect_tokenizer: str) -> np.ndarray:
+    """All training windows of the given base units, shape (N, context + 1), int64.
+
+    Each unit is `unit_tokens` tokens of its shard's train stream (see
+    `tokenize.unit_ranges`: disjoint while they fit, repeated when the partition is
+    smaller); windows are cut per unit with stride `context`.
+    """
+    parts: list[np.ndarray] = []
+    for spec in units:
+        prefix, index = parse_unit(spec)
+        try:
+            tokens, _, meta = open_tokens(prefix)
+        except FileNotFoundError as exc:
+            raise TrainError(f"token shard {prefix}.bin/.json is missing: run the tokenize rule first") from exc
+        if meta["tokenizer_sha256"] != expect_tokenizer:
+            raise TrainError(f"token shard {prefix} was made with another tokenizer than the model's: rerun tokenization")
+        stream = np.concatenate([np.asarray(tokens[a:b], dtype=np.int64) for a, b in unit_ranges(tokens.size, unit_tokens, index)])
+        n = (stream.size - 1) // context
+        if n < 1:
+            raise TrainError(f"unit {spec} holds {stream.size} tokens, fewer than one window of {context + 1}: raise unit_tokens")
+        parts.append(stream[np.arange(n)[:, None] * context + np.arange(context + 1)[None, :]])
+    return np.concatenate(parts)
+
+
+def lr_at(step: int, total: int, phase: PhaseConfig) -> float:
+    """Linear warm-up to lr, then cosine decay to min_lr over the remaining steps."""
+    if step < phase.warmup_steps:
+        return phase.lr * (step + 1) / phase.warmup_steps
+    span = max(1, total - phase.warmup_steps)
+    progress = min(1.0, (step - phase.warmup_steps) / span)
+    return phase.min_lr + 0.5 * (phase.lr - phase.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+# --- optimizer state -------------------------------------------------------------------
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """AdamW moments keyed by parameter name, for carrying into continued pretraining."""
+    out: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        state = optimizer.state.get(param, {})
+        if "exp_avg" in state:
+            out[f"exp_avg.{name}"] = state["exp_avg"].detach().float().cpu().contiguous()
+            out[f"exp_avg_sq.{name}"] = state["exp_avg_sq"].detach().float().cpu().contiguous()
+            out[f"step.{name}"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1)
+    return out
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> int:
+    """Put the seed's AdamW moments into `optimizer`; returns how many tensors were set."""
+    from safetensors.torch import load_file
+
+    saved = load_file(path)
+    count = 0
+    for name, param in model.named_parameters():
+        key = f"exp_avg.{name}"
+        if key not in saved:
+            raise TrainError(f"optimizer state {path} has no moments for parameter '{name}': the seed does not match the model")
+        if saved[key].shape != param.shape:
+            raise TrainError(f"optimizer state {path}: '{name}' has shape {tuple(saved[key].shape)}, the model {tuple(param.shape)}")
+        optimizer.state[param] = {
+            "step": saved[f"step.{name}"].reshape(()).clone(),
+            "exp_avg": saved[key].to(param.dtype),
+            "exp_avg_sq": saved[f"exp_avg_sq.{name}"].to(param.dtype),
+        }
+        count += 1
+    return count
+
+
+# --- engine ----------------------------------------------------------------------------
+
+
+def _single_process_env() -> None:
+    """Let deepspeed.initialize run without a launcher (a world of one process)."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def deepspeed_config(batch_size: int, tcfg: TrainConfig) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": tcfg.grad_clip,
+        "zero_optimization": {"stage": tcfg.zero_stage},
+        "bf16": {"enabled": tcfg.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if tcfg.zero_stage >= 1:
+        config["zero_allow_untested_optimizer"] = True
+    return config
+
+
+def train(
+    kind: str,
+    units: list[str],
+    unit_tokens: int,
+    tokenizer_dir: Path,
+    out: Path,
+    mcfg: ModelConfig,
+    tcfg: TrainConfig,
+    phase: PhaseConfig,
+    seed: int,
+    init: Path | None = None,
+    data_meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train one model and write its checkpoint folder; returns the sidecar."""
+    import deepspeed
+    from tqdm import tqdm
+
+    started = time.time()
+    torch.manual_seed(seed)
+    tok = load_tokenizer(tokenizer_dir)
+    tok_hash = tokenizer_hash(tokenizer_dir)
+    if init is None:
+        model = mm.build(mcfg, len(tok), tok.eos_token_id)
+        seed_sha = None
+    else:
+        sidecar = mm.read_sidecar(init)
+        if sidecar.get("tokenizer_sha256") not in (None, tok_hash):
+            raise TrainError(f"seed {init} was trained with another tokenizer than {tokenizer_dir}: rerun the seed rule")
+        model = mm.load(init)
+        seed_sha = sidecar["seed_sha256"]
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if vocab < len(tok):
+        raise TrainError(
+            f"tokenizer {tokenizer_dir} has {len(tok)} tokens but the model's vocabulary has {vocab} rows: "
+            "use the seed's own tokenizer or a larger model.vocab_size"
+        )
+    context = model.config.max_position_embeddings if init is not None else mcfg.context_length
+    data = windows(units, unit_tokens, context, tok_hash)
+    order = np.random.default_rng(seed).permutation(len(data))
+    steps = math.ceil(len(data) / phase.batch_size)
+
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=phase.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay
+    )
+    carried = 0
+    if init is not None and (init / OPTIMIZER_FILE).is_file():
+        carried = load_optimizer_state(model, optimizer, init / OPTIMIZER_FILE)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, steps, phase) / phase.lr)
+    _single_process_env()
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(phase.batch_size, tcfg)
+    )
+    rank0 = engine.global_rank == 0
+    log.info("%s: %d windows, %d steps, %d optimizer tensors carried from %s", kind, len(data), steps, carried, init)
+
+    metrics: list[dict[str, Any]] = []
+    tokens_seen = 0
+    engine.train()
+    bar = tqdm(range(steps), desc=f"train {kind}", disable=not rank0, mininterval=5)
+    for step in bar:
+        batch = torch.from_numpy(data[order[step * phase.batch_size : (step + 1) * phase.batch_size]])
+        batch = batch.to(engine.device)
+        loss = engine(input_ids=batch, labels=batch).loss
+        if not torch.isfinite(loss):
+            raise TrainError(f"{kind} training loss is {loss.item()} at step {step}: lower the learning rate")
+        engine.backward(loss)
+        engine.step()
+        tokens_seen += batch.shape[0] * (batch.shape[1] - 1)
+        elapsed = time.time() - started
+        metrics.append({"step": step + 1, "tokens": tokens_seen, "loss": round(loss.item(), 5),
+                        "lr": scheduler.get_last_lr()[0], "elapsed_s": round(elapsed, 3)})
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+
+    sidecar = {
+        "kind": kind,
+        "seed_sha256": seed_sha,
+        "init": str(init) if init is not None else None,
+        "tokenizer_sha256": tok_hash,
+        "data": {"units": units, "unit_tokens": unit_tokens, **(data_meta or {})},
+        "tokens": tokens_seen,
+        "steps": steps,
+        "optimizer_tensors_carried": carried,
+        "wall_time_s": round(time.time() - started, 2),
+        "hardware": {**mm.hardware(), "world_size": engine.world_size, "precision": tcfg.precision},
+        "model": asdict(mcfg),
+        "train": asdict(tcfg),
+        "phase": asdict(phase),
+        "random_seed": seed,
+    }
+    if rank0:
+        module = engine.module
+        extra = {OPTIMIZER_FILE: optimizer_state(module, optimizer)} if kind == "seed" else None
+        sidecar = mm.save(module, out, sidecar, extra, is_seed=kind == "seed")
+        _write_metrics(out / METRICS_FILE, metrics)
+    return sidecar
+
+
+def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+    import io as stdio
+
+    buf = stdio.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["step"])
+    writer.writeheader()
+    writer.writerows(rows)
+    io.write_text(path, buf.getvalue())
+
+
+def import_seed(name: str, tokenizer_dir: Path, out: Path) -> dict[str, Any]:
+    """Use a Hugging Face causal LM as the seed: copy it into a mergemix checkpoint folder."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, use_safetensors=True)
+    except (OSError, ValueError) as exc:
+        raise TrainError(f"cannot load seed.pretrained '{name}' as safetensors: {exc}") from exc
+    tok = load_tokenizer(tokenizer_dir)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if vocab < len(tok):
+        raise TrainError(f"seed.pretrained '{name}' has {vocab} embedding rows but its tokenizer {len(tok)} tokens")
+    sidecar = {"kind": "seed", "init": name, "tokenizer_sha256": tokenizer_hash(tokenizer_dir),
+               "tokens": 0, "steps": 0, "wall_time_s": 0.0, "hardware": mm.hardware()}
+    return mm.save(model, out, sidecar, is_seed=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mergemix.train", description=__doc__)
+    parser.add_argument("--kind", choices=["seed", "unit", "ind", "seq"], required=True)
+    parser.add_argument("--tokenizer", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
+    parser.add_argument("--init", type=Path, help="checkpoint to continue from (the seed)")
+    parser.add_argument("--pretrained", help="seed only: a Hugging Face model name or folder to import instead of training")
+    parser.add_argument("--unit", action="append", default=[], help="SHARD_PREFIX:UNIT_INDEX of a base unit (repeatable)")
+    parser.add_argument("--unit-tokens", type=int, required=False, help="tokens per unit (the seed: its token budget)")
+    parser.add_argument("--model-json", default="{}", help="the config's model section")
+    parser.add_argument("--train-json", default="{}", help="the config's train section (optimizer, engine)")
+    parser.add_argument("--phase-json", default="{}", help="the phase's schedule: train.seed_phase or train.continued")
+    parser.add_argument("--meta-json", default="{}", help="what the data is (partitions, units), for the sidecar")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        if args.pretrained:
+            import_seed(args.pretrained, args.tokenizer, args.out)
+            return 0
+        train_section = json.loads(args.train_json)
+        tcfg = TrainConfig(**{k: train_section[k] for k in ("precision", "zero_stage", "betas", "weight_decay", "grad_clip") if k in train_section})
+        train(
+            kind=args.kind,
+            units=args.unit,
+            unit_tokens=args.unit_tokens,
+            tokenizer_dir=args.tokenizer,
+            out=args.out,
+            mcfg=ModelConfig(**json.loads(args.model_json)),
+            tcfg=tcfg,
+            phase=PhaseConfig(**json.loads(args.phase_json)),
+            seed=args.seed,
+            init=args.init,
+            data_meta=json.loads(args.meta_json),
+        )
+    except (TrainError, TokenizeError, mm.CheckpointError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

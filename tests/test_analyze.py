@@ -1,0 +1,412 @@
+"""Tests for mergemix.analyze and mergemix.plots on small hand-made inputs.
+
+Every expected number below is computed by hand from the literal nll_sum /
+n_tokens values in the fixture, never by calling the code under test.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import polars as pl
+import pytest
+
+from mergemix import analyze
+from mergemix.analyze import (
+    correlations,
+    in_domain_rows,
+    load_perplexity,
+    markdown_table,
+    proxy_table,
+)
+
+e = math.exp
+LN2 = math.log(2)
+
+# held-out / OOD sizes (tokens); bytes are 4 per token
+TOKENS = {"A": 10, "B": 20, "C": 40, "news": 50}
+
+# model -> {domain: nll_sum}
+#   partitions A, B (ind models) and C (a single unit, "C/0", no ind row);
+#   A also has two unit models with decoy values that must never be used.
+IND_A = {"A": 10, "B": 40, "C": 100, "news": 75}
+IND_B = {"A": 20, "B": 30, "C": 100, "news": 100}
+UNIT_C0 = {"A": 25, "B": 50, "C": 80, "news": 125}
+DECOY = {"A": 1, "B": 1, "C": 1, "news": 1}
+SEQ = {
+    "A+B": {"A": 9, "B": 27, "news": 70},
+    "A+C": {"A": 9, "C": 70, "news": 72},
+    "B+C": {"B": 28, "C": 72, "news": 80},
+}
+MICRO = {
+    "A+B": {"A": 9.5, "B": 28, "news": 72},
+    "A+C": {"A": 9.5, "C": 75, "news": 74},
+    "B+C": {"B": 29, "C": 76, "news": 82},
+    "A+B+C": {"A": 9, "B": 9, "C": 9, "news": 9},  # no seq model: must not enter
+}
+
+
+def _rows(kind, model_id, mixture, method, nlls):
+    out = []
+    for dom, nll in nlls.items():
+        tok = TOKENS[dom]
+        out.append({
+            "model_kind": kind, "model_id": model_id, "mixture": mixture, "method": method,
+            "domain": dom, "domain_kind": "ood" if dom == "news" else "id",
+            "n_docs": 2, "n_tokens": tok, "n_bytes": 4 * tok, "nll_sum": float(nll),
+            "ppl": math.exp(nll / tok), "bpb": nll / LN2 / (4 * tok),
+        })
+    return out
+
+
+def example_frame() -> pl.DataFrame:
+    rows = []
+    rows += _rows("seed", "seed", "seed", "", DECOY)
+    rows += _rows("ind", "ind-A", "A", "", IND_A)
+    rows += _rows("ind", "ind-B", "B", "", IND_B)
+    rows += _rows("unit", "A/0", "A", "", DECOY)
+    rows += _rows("unit", "A/1", "A", "", DECOY)
+    rows += _rows("unit", "C/0", "C", "", UNIT_C0)
+    for m, nlls in SEQ.items():
+        rows += _rows("seq", f"seq-{m}", m, "", nlls)
+    for m, nlls in MICRO.items():
+        rows += _rows("merged", f"micro-{m}", m, "micro", nlls)
+    return pl.DataFrame(rows)
+
+
+def write_example(path) -> None:
+    example_frame().write_csv(path)
+
+
+# ---------------------------------------------------------------- in-domain
+
+
+def test_in_domain_aggregation_by_hand():
+    rows = in_domain_rows(example_frame())
+    seq_ab = rows.filter((pl.col("model_kind") == "seq") & (pl.col("mixture") == "A+B"))
+    assert seq_ab.height == 1
+    r = seq_ab.row(0, named=True)
+    # (9 + 27) nats over (10 + 20) tokens and 4 * 30 bytes
+    assert r["domain"] == "in-domain" and r["domain_kind"] == "id"
+    assert r["n_tokens"] == 30 and r["n_bytes"] == 120 and r["n_docs"] == 4
+    assert r["nll_sum"] == pytest.approx(36.0)
+    assert r["ppl"] == pytest.approx(e(36 / 30))
+    assert r["bpb"] == pytest.approx(36 / LN2 / 120)
+    # the ppl is NOT the mean of the per-partition ppls
+    assert r["ppl"] != pytest.approx((e(9 / 10) + e(27 / 20)) / 2)
+
+    # ind model of A evaluated on the union of A+C's held-out sets
+    ind_a = rows.filter((pl.col("model_id") == "ind-A") & (pl.col("eval_mixture") == "A+C"))
+    assert ind_a["ppl"].to_list() == [pytest.approx(e((10 + 100) / (10 + 40)))]
+    # single-unit partition C: its unit model stands in as ind model
+    unit_c = rows.filter((pl.col("model_id") == "C/0") & (pl.col("eval_mixture") == "B+C"))
+    assert unit_c["ppl"].to_list() == [pytest.approx(e((50 + 80) / (20 + 40)))]
+    assert unit_c["model_kind"].to_list() == ["ind"]
+    # ind models get in-domain rows only for mixtures containing their partition
+    ind = rows.filter(pl.col("model_kind") == "ind")
+    assert sorted(zip(ind["model_id"], ind["eval_mixture"])) == sorted([
+        ("C/0", "A+C"), ("C/0", "A+B+C"), ("C/0", "B+C"),
+        ("ind-A", "A+B"), ("ind-A", "A+B+C"), ("ind-A", "A+C"),
+        ("ind-B", "A+B"), ("ind-B", "A+B+C"), ("ind-B", "B+C"),
+    ])
+    # decoy units of A (which has an ind row) are never used
+    assert rows.filter(pl.col("model_id").is_in(["A/0", "A/1"])).height == 0
+
+
+def test_in_domain_skips_model_missing_a_partition():
+    df = example_frame().filter(~((pl.col("model_id") == "seq-A+C") & (pl.col("domain") == "C")))
+    rows = in_domain_rows(df)
+    assert rows.filter(pl.col("model_id") == "seq-A+C").height == 0
+    assert rows.filter(pl.col("model_id") == "seq-A+B").height == 1
+
+
+# ---------------------------------------------------------------- proxies
+
+
+def _score(scores, mixture, domain, proxy):
+    sel = scores.filter(
+        (pl.col("mixture") == mixture) & (pl.col("domain") == domain) & (pl.col("proxy") == proxy)
+    )
+    assert sel.height == 1, (mixture, domain, proxy, sel)
+    return sel.row(0, named=True)
+
+
+def test_proxy_table_by_hand():
+    scores = proxy_table(example_frame())
+    assert scores.columns == ["mixture", "domain", "domain_kind", "seq_ppl", "proxy", "proxy_ppl"]
+    # 3 seq mixtures x (news, in-domain) x (micro, mean_ind, ind_id); A+B+C has no seq model
+    assert scores.height == 18
+    assert sorted(set(scores["mixture"])) == ["A+B", "A+C", "B+C"]
+    assert sorted(set(scores["proxy"])) == ["ind_id", "mean_ind", "micro"]
+
+    # ground truth
+    assert _score(scores, "A+C", "news", "micro")["seq_ppl"] == pytest.approx(e(72 / 50))
+    assert _score(scores, "B+C", "in-domain", "micro")["seq_ppl"] == pytest.approx(e((28 + 72) / 60))
+    # merged proxy
+    assert _score(scores, "A+C", "news", "micro")["proxy_ppl"] == pytest.approx(e(74 / 50))
+    assert _score(scores, "A+C", "in-domain", "micro")["proxy_ppl"] == pytest.approx(e(84.5 / 50))
+
+    # mean_ind on an OOD domain: mean of the partitions' ind ppl on it
+    assert _score(scores, "A+B", "news", "mean_ind")["proxy_ppl"] == pytest.approx((e(75 / 50) + e(100 / 50)) / 2)
+    assert _score(scores, "A+C", "news", "mean_ind")["proxy_ppl"] == pytest.approx((e(75 / 50) + e(125 / 50)) / 2)
+    # mean_ind in-domain: each ind model on the mixture's union set
+    assert _score(scores, "A+C", "in-domain", "mean_ind")["proxy_ppl"] == pytest.approx(
+        (e(110 / 50) + e(105 / 50)) / 2
+    )
+    assert _score(scores, "B+C", "in-domain", "mean_ind")["proxy_ppl"] == pytest.approx(
+        (e(130 / 60) + e(130 / 60)) / 2
+    )
+    # ind_id: each ind model on its own held-out set, same for every domain
+    for d in ("news", "in-domain"):
+        assert _score(scores, "A+B", d, "ind_id")["proxy_ppl"] == pytest.approx((e(1.0) + e(1.5)) / 2)
+        assert _score(scores, "A+C", d, "ind_id")["proxy_ppl"] == pytest.approx((e(1.0) + e(2.0)) / 2)
+        assert _score(scores, "B+C", d, "ind_id")["proxy_ppl"] == pytest.approx((e(1.5) + e(2.0)) / 2)
+    assert set(scores.filter(pl.col("domain") == "news")["domain_kind"]) == {"ood"}
+    assert set(scores.filter(pl.col("domain") == "in-domain")["domain_kind"]) == {"id"}
+
+
+def test_single_unit_rule_needs_exactly_one_unit():
+    # give C a second unit: the partition is no longer single-unit, so no ind model for C
+    df = pl.concat([example_frame(), pl.DataFrame(_rows("unit", "C/1", "C", "", UNIT_C0))])
+    scores = proxy_table(df)
+    ind = scores.filter(pl.col("proxy").is_in(["mean_ind", "ind_id"]))
+    assert sorted(set(ind["mixture"])) == ["A+B"]
+
+
+def test_proxies_filter():
+    scores = proxy_table(example_frame(), proxies=["ind_id"])
+    assert set(scores["proxy"]) == {"ind_id"}
+    assert scores.height == 6
+
+
+def test_no_seq_rows_is_an_error():
+    df = example_frame().filter(pl.col("model_kind") != "seq")
+    with pytest.raises(ValueError, match="seq"):
+        proxy_table(df)
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def _scores_frame(domain, seq, proxies, domain_kind="ood"):
+    rows = []
+    for name, vals in proxies.items():
+        for i, (s, v) in enumerate(zip(seq, vals)):
+            rows.append({"mixture": f"m{i}", "domain": domain, "domain_kind": domain_kind,
+                         "seq_ppl": float(s), "proxy": name, "proxy_ppl": float(v)})
+    return pl.DataFrame(rows)
+
+
+def _corr(corr, domain, proxy):
+    sel = corr.filter((pl.col("domain") == domain) & (pl.col("proxy") == proxy))
+    assert sel.height == 1
+    return sel.row(0, named=True)
+
+
+def test_pearson_and_spearman():
+    seq = [10.0, 12.0, 15.0, 20.0, 30.0]
+    scores = _scores_frame("news", seq, {
+        "micro": [2 * s + 1 for s in seq],          # exact linear -> r = 1
+        "macro": [100 - s for s in seq],            # reversed -> r = -1
+        "mean_ind": [s ** 3 for s in seq],          # monotone, non-linear -> rho = 1, r < 1
+        "ind_id": [1.0, 3.0, 2.0, 4.0, 5.0],        # one swap -> rho = 1 - 6*2/(5*24) = 0.9
+    })
+    corr = correlations(scores)
+    assert _corr(corr, "news", "micro")["pearson_r"] == pytest.approx(1.0)
+    assert _corr(corr, "news", "micro")["n_mixtures"] == 5
+    assert _corr(corr, "news", "macro")["pearson_r"] == pytest.approx(-1.0)
+    assert _corr(corr, "news", "macro")["spearman_rho"] == pytest.approx(-1.0)
+    cube = _corr(corr, "news", "mean_ind")
+    assert cube["spearman_rho"] == pytest.approx(1.0)
+    assert cube["pearson_r"] < 0.99
+    assert _corr(corr, "news", "ind_id")["spearman_rho"] == pytest.approx(0.9)
+
+
+def test_pearson_small_by_hand():
+    # deviations (-1, 0, 1) and (-1, 1, 0): r = 1 / sqrt(2 * 2) = 0.5
+    corr = correlations(_scores_frame("news", [1.0, 3.0, 2.0], {"micro": [1.0, 2.0, 3.0]}))
+    assert _corr(corr, "news", "micro")["pearson_r"] == pytest.approx(0.5)
+
+
+def test_too_few_mixtures_or_constant_gives_nan():
+    scores = pl.concat([
+        _scores_frame("news", [10.0, 12.0], {"micro": [1.0, 2.0]}),
+        _scores_frame("web", [10.0, 12.0, 14.0], {"micro": [5.0, 5.0, 5.0]}),
+    ])
+    corr = correlations(scores)
+    for d in ("news", "web"):
+        r = _corr(corr, d, "micro")
+        assert math.isnan(r["pearson_r"]) and math.isnan(r["spearman_rho"])
+    assert _corr(corr, "news", "micro")["n_mixtures"] == 2
+    assert math.isnan(_corr(corr, "ood-mean", "micro")["pearson_r"])
+
+
+def test_ood_mean_row():
+    scores = pl.concat([
+        _scores_frame("news", [1.0, 2.0, 3.0], {"micro": [1.0, 2.0, 3.0]}),   # r = 1
+        _scores_frame("web", [1.0, 3.0, 2.0], {"micro": [1.0, 2.0, 3.0]}),    # r = 0.5
+        _scores_frame("in-domain", [1.0, 2.0, 3.0], {"micro": [3.0, 2.0, 1.0]}, "id"),  # r = -1, not OOD
+    ])
+    corr = correlations(scores)
+    row = _corr(corr, "ood-mean", "micro")
+    assert row["pearson_r"] == pytest.approx(0.75)
+    assert corr["domain"].to_list() == ["news", "web", "in-domain", "ood-mean"]
+
+
+# ---------------------------------------------------------------- tables
+
+
+def _corr_table():
+    rows = []
+    for d, kind, vals in [
+        ("web", "ood", {"micro": 0.5, "mean_ind": 0.9, "ind_id": 0.1}),
+        ("news", "ood", {"micro": 0.8, "mean_ind": 0.7, "ind_id": -0.2}),
+        ("in-domain", "id", {"micro": 0.95, "mean_ind": 0.6, "ind_id": 0.3}),
+        ("ood-mean", "mean", {"micro": 0.65, "mean_ind": 0.8, "ind_id": -0.05}),
+    ]:
+        for p, r in vals.items():
+            rows.append({"domain": d, "domain_kind": kind, "proxy": p, "n_mixtures": 7,
+                         "pearson_r": r, "pearson_p": 0.01, "spearman_rho": r, "spearman_p": 0.01})
+    return pl.DataFrame(rows)
+
+
+def test_markdown_table_bolds_row_max():
+    md = markdown_table(_corr_table())
+    lines = md.strip().splitlines()
+    assert "n = 7" in lines[0] and "Pearson r" in lines[0]
+    table = [ln for ln in lines if ln.startswith("|")]
+    assert table[0].replace(" ", "") == "|domain|micro|mean_ind|ind_id|"
+    body = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in table[2:]}
+    assert list(body) == ["news", "web", "in-domain", "OOD mean"]
+    assert body["news"] == ["**0.800**", "0.700", "-0.200"]
+    assert body["web"] == ["0.500", "**0.900**", "0.100"]
+    assert body["in-domain"] == ["**0.950**", "0.600", "0.300"]
+    assert body["OOD mean"] == ["0.650", "**0.800**", "-0.050"]
+
+
+def test_latex_and_wide_tables():
+    tex = analyze.latex_table(_corr_table())
+    assert r"\toprule" in tex and r"\bottomrule" in tex
+    assert r"web & 0.500 & \textbf{0.900} & 0.100 \\" in tex
+    assert r"mean\_ind" in tex
+    wide = analyze.wide_table(_corr_table())
+    assert wide.columns == ["domain", "micro", "mean_ind", "ind_id"]
+    assert wide["domain"].to_list() == ["news", "web", "in-domain", "OOD mean"]
+    assert wide["mean_ind"].to_list() == pytest.approx([0.7, 0.9, 0.6, 0.8])
+
+
+# ---------------------------------------------------------------- loading / CLI
+
+
+def test_missing_column_names_the_column(tmp_path):
+    path = tmp_path / "perplexity.csv"
+    example_frame().drop("nll_sum").write_csv(path)
+    with pytest.raises(ValueError, match="nll_sum") as info:
+        load_perplexity(path)
+    assert "perplexity.csv" in str(info.value)
+    assert analyze.main(["--perplexity", str(path), "--out-dir", str(tmp_path / "out")]) == 1
+
+
+def test_load_keeps_names_as_strings(tmp_path):
+    path = tmp_path / "perplexity.csv"
+    example_frame().with_columns(pl.col("n_docs").cast(pl.Int64)).write_csv(path)
+    df = load_perplexity(path)
+    assert df.schema["method"] == pl.Utf8 and df.schema["n_tokens"] == pl.Int64
+    assert set(df.filter(pl.col("model_kind") == "seq")["method"]) == {""}
+
+
+def test_cli_no_seq_rows(tmp_path, capsys):
+    path = tmp_path / "perplexity.csv"
+    example_frame().filter(pl.col("model_kind") != "seq").write_csv(path)
+    assert analyze.main(["--perplexity", str(path), "--out-dir", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "seq" in err
+
+
+def _age(paths, when=1_000_000_000):
+    for p in paths:
+        os.utime(p, (when, when))
+
+
+def test_cli_outputs_and_idempotence(tmp_path):
+    src = tmp_path / "perplexity.csv"
+    write_example(src)
+    out = tmp_path / "results"
+    assert analyze.main(["--perplexity", str(src), "--out-dir", str(out), "-q"]) == 0
+    files = [out / "proxy_scores.csv", out / "correlations.csv",
+             out / "tables" / "table2.md", out / "tables" / "table2.csv", out / "tables" / "table2.tex"]
+    for f in files:
+        assert f.stat().st_size > 0, f
+    scores = pl.read_csv(out / "proxy_scores.csv")
+    assert scores.height == 18
+    corr = pl.read_csv(out / "correlations.csv")
+    assert set(corr["domain"]) == {"news", "in-domain", "ood-mean"}
+    # ind_id is the same for both domains; with 3 mixtures r is finite
+    assert corr.filter(pl.col("proxy") == "micro")["n_mixtures"].to_list() == [3, 3, 3]
+    _age(files)
+    assert analyze.main(["--perplexity", str(src), "--out-dir", str(out), "-q"]) == 0
+    assert [f.stat().st_mtime for f in files] == [1_000_000_000] * len(files)
+    # a real change rewrites
+    assert analyze.main(["--perplexity", str(src), "--out-dir", str(out), "-q",
+                         "--proxies", "micro,mean_ind"]) == 0
+    assert (out / "proxy_scores.csv").stat().st_mtime != 1_000_000_000
+    assert "ind_id" not in (out / "tables" / "table2.md").read_text()
+
+
+def test_write_if_changed(tmp_path):
+    p = tmp_path / "sub" / "f.txt"
+    assert analyze.write_if_changed(p, "abc") is True
+    assert analyze.write_if_changed(p, "abc") is False
+    assert analyze.write_if_changed(p, b"abd") is True
+    assert p.read_text() == "abd"
+    assert [x.name for x in p.parent.iterdir()] == ["f.txt"]  # no temp files left
+
+
+# ---------------------------------------------------------------- plots
+
+
+def test_plots_write_png_pdf_and_are_stable(tmp_path):
+    from mergemix import plots
+
+    src = tmp_path / "perplexity.csv"
+    write_example(src)
+    res = tmp_path / "results"
+    assert analyze.main(["--perplexity", str(src), "--out-dir", str(res), "-q"]) == 0
+    figs = tmp_path / "figures"
+    argv = ["--scores", str(res / "proxy_scores.csv"), "--correlations", str(res / "correlations.csv"),
+            "--out-dir", str(figs), "-q"]
+    assert plots.main(argv) == 0
+    files = [figs / f"{stem}.{ext}" for stem in ("figure3", "correlations") for ext in ("png", "pdf")]
+    for f in files:
+        assert f.stat().st_size > 1000, f
+    assert (figs / "figure3.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (figs / "figure3.pdf").read_bytes()[:5] == b"%PDF-"
+    assert b"CreationDate" not in (figs / "figure3.pdf").read_bytes()
+    _age(files)
+    assert plots.main(argv) == 0
+    assert [f.stat().st_mtime for f in files] == [1_000_000_000] * len(files)
+    # another proxy changes figure3 but not the bar chart
+    assert plots.main(argv + ["--proxy", "mean_ind"]) == 0
+    assert (figs / "figure3.png").stat().st_mtime != 1_000_000_000
+    assert (figs / "correlations.png").stat().st_mtime == 1_000_000_000
+
+
+def test_plots_default_proxy_and_unknown_proxy():
+    from mergemix import plots
+
+    scores = proxy_table(example_frame())
+    assert plots.default_proxy(scores) == "micro"
+    both = pl.concat([scores, scores.filter(pl.col("proxy") == "micro").with_columns(pl.lit("merged").alias("proxy"))])
+    assert plots.default_proxy(both) == "merged"
+    with pytest.raises(ValueError, match="weighted"):
+        plots.figure3(scores, correlations(scores), proxy="weighted")
+
+
+def test_analysis_modules_do_not_import_torch():
+    code = ("import sys, mergemix.analyze, mergemix.plots; "
+            "bad = [m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
