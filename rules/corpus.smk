@@ -37,4 +37,4 @@ rule partition:
         spec=partition_spec,
     shell:
         "python -m mergemix.corpus partition --spec-json {params.spec}"
-        " --out-dir work/partitions/{wildcards.group} > {log} 2>&1"
+        " --out-dir work/partitions/{wildcards.group} --no-summary > {log} 2>&1"

@@ -915,10 +915,14 @@ def _load_table(ps: _PartitionSpec) -> pa.Table:
                     break
         elif len(files) == 1:
             culprit = files[0]
-        what = f"data file {culprit}" if culprit is not None else f"dataset '{ps.path}'"
+        if culprit is not None:
+            raise CorpusError(
+                f"cannot read data file {culprit} of source '{ps.source}' ({_root_reason(err)}); "
+                "check the file or fix 'load' in config.yaml"
+            ) from err
         raise CorpusError(
-            f"cannot read {what} of source '{ps.source}' ({_root_reason(err)}); "
-            "check the file or fix 'load' in config.yaml"
+            f"cannot load dataset '{ps.path}' of source '{ps.source}' ({_root_reason(err)}); "
+            "check the name, split and network access, or fix 'load' in config.yaml"
         ) from err
     if not isinstance(dataset, datasets.Dataset):
         raise CorpusError(
@@ -939,7 +943,8 @@ def _raw_keys(table: pa.Table, columns: Sequence[str]) -> tuple[np.ndarray, list
     """Group id per row and the raw key string of every group.
 
     A raw key is the row's ``partition_by`` values, each passed through
-    Python's ``str()``, joined with ``-``.  Values are dictionary-encoded so
+    Python's ``str()`` (so a missing value becomes ``None`` and 1850.0 stays
+    ``1850.0``), joined with ``-``.  Values are dictionary-encoded so
     ``str()`` runs once per distinct value rather than once per document.
     """
     n = table.num_rows
@@ -976,14 +981,16 @@ def _format_available(names: Sequence[str], limit: int = 30) -> str:
     return shown or "(none: the source has no documents with text)"
 
 
-def write_partitions(spec: dict, out_dir: Path) -> dict:
+def write_partitions(spec: dict, out_dir: Path, write_summary: bool = True) -> dict:
     """Cut one source into ``out_dir/<partition>.parquet`` files.
 
     Everything is validated before the first file is written, and if writing
     fails midway the files already written are removed again, so a bad config
     never leaves a partial set of partitions for training to pick up.
 
-    Returns the summary also written to ``out_dir/_partitions.json``:
+    Returns the summary also written to ``out_dir/_partitions.json`` (unless
+    ``write_summary`` is false: the workflow runs one job per partition, and
+    jobs sharing one summary file would overwrite each other):
     ``{partition: {"n_docs": int, "n_chars": int, "raw_keys": [str, ...]}}``
     in the order of ``spec["partitions"]``.
     """
@@ -1062,7 +1069,8 @@ def write_partitions(spec: dict, out_dir: Path) -> dict:
             summary[part] = {"n_docs": part_table.num_rows, "n_chars": n_chars, "raw_keys": keys}
             outputs.write_parquet(out_dir / f"{part}.parquet", part_table)
             log.info("source '%s': partition '%s' has %d documents", ps.source, part, part_table.num_rows)
-        outputs.write_json(out_dir / PARTITIONS_SUMMARY, summary)
+        if write_summary:
+            outputs.write_json(out_dir / PARTITIONS_SUMMARY, summary)
     return summary
 
 
@@ -1104,6 +1112,7 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--spec", help="partition spec as a JSON file")
     group.add_argument("--spec-json", help="partition spec as a JSON string")
     part.add_argument("--out-dir", required=True, type=Path, help="directory for <partition>.parquet files")
+    part.add_argument("--no-summary", action="store_true", help=f"do not write {PARTITIONS_SUMMARY}")
     return parser
 
 
@@ -1118,7 +1127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             build_demo(args.recipe, args.cache_dir, args.out, args.manifest)
         else:
-            write_partitions(_read_spec(args), args.out_dir)
+            write_partitions(_read_spec(args), args.out_dir, write_summary=not args.no_summary)
     except CorpusError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

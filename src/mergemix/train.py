@@ -217,12 +217,13 @@ def train(
         loss = engine(input_ids=batch, labels=batch).loss
         if not torch.isfinite(loss):
             raise TrainError(f"{kind} training loss is {loss.item()} at step {step}: lower the learning rate")
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses
         engine.backward(loss)
         engine.step()
         tokens_seen += batch.shape[0] * (batch.shape[1] - 1)
         elapsed = time.time() - started
         metrics.append({"step": step + 1, "tokens": tokens_seen, "loss": round(loss.item(), 5),
-                        "lr": scheduler.get_last_lr()[0], "elapsed_s": round(elapsed, 3)})
+                        "lr": lr, "elapsed_s": round(elapsed, 3)})
         bar.set_postfix(loss=f"{loss.item():.3f}")
 
     sidecar = {

@@ -1,0 +1,50 @@
+import math
+
+import numpy as np
+import torch
+
+from mergemix import model as mm
+from mergemix.evaluate import Domain, document_windows, evaluate, sample_documents
+from mergemix.tokenize import write_shard
+
+
+def test_windows_predict_every_token_once():
+    doc = np.arange(1, 80)
+    windows = document_windows(doc, eos=0, context=32)
+    targets = np.concatenate([y for _, y in windows])
+    assert (targets == doc).all()
+    assert all(len(x) <= 32 and len(x) == len(y) for x, y in windows)
+    assert windows[0][0][0] == 0  # EOS is the first context token
+
+
+def test_document_sample_is_seeded_and_capped():
+    lengths = np.array([50, 10, 400, 30, 30, 20])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    index = np.stack([starts, lengths * 4], axis=1)
+    docs = sample_documents(index, int(lengths.sum()), max_docs=10, max_tokens=100, seed=0)
+    assert docs == sample_documents(index, int(lengths.sum()), max_docs=10, max_tokens=100, seed=0)
+    assert sum(b - a for a, b, _ in docs) <= 100
+    assert len(sample_documents(index, int(lengths.sum()), max_docs=2, max_tokens=10**6, seed=0)) == 2
+
+
+def test_uniform_logits_give_perplexity_equal_to_vocabulary(tmp_path, tiny_model_config, tokenizer_dir, texts):
+    from mergemix.tokenize import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    write_shard(tok, texts["pathlib"][:10], tmp_path / "heldout", {"tokenizer_sha256": "x"})
+    model = mm.build(tiny_model_config, len(tok), tok.eos_token_id).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.zero_()
+    vocab = model.config.vocab_size
+    rows = evaluate(model, [Domain("d", "ood", 10**6, tmp_path / "heldout")], max_docs=100, batch_size=4, seed=0)
+    assert rows[0]["n_docs"] == 10
+    assert rows[0]["ppl"] == pytest_approx(vocab)
+    n_bytes = sum(len(t.encode()) for t in texts["pathlib"][:10])
+    assert rows[0]["n_bytes"] == n_bytes
+    assert rows[0]["bpb"] == pytest_approx(rows[0]["n_tokens"] * math.log2(vocab) / n_bytes)
+
+
+def pytest_approx(x):
+    import pytest
+
+    return pytest.approx(x, rel=1e-5)

@@ -1,0 +1,71 @@
+import numpy as np
+import polars as pl
+import pytest
+
+from mergemix.tokenize import make_shards, open_tokens, segments, split_documents, unit_ranges
+
+
+@pytest.mark.parametrize("n_units", [1, 3, 7])
+def test_units_are_disjoint_and_cover_the_stream(n_units):
+    unit_tokens = 1000
+    n_tokens = n_units * unit_tokens
+    covered = np.zeros(n_tokens, dtype=int)
+    for u in range(n_units):
+        ranges = unit_ranges(n_tokens, unit_tokens, u)
+        assert sum(b - a for a, b in ranges) == unit_tokens
+        for a, b in ranges:
+            covered[a:b] += 1
+    assert (covered == 1).all()
+
+
+def test_small_partition_is_upsampled_to_a_full_unit():
+    ranges = unit_ranges(350, 1000, 0)
+    assert sum(b - a for a, b in ranges) == 1000
+    counts = np.zeros(350, dtype=int)
+    for a, b in ranges:
+        counts[a:b] += 1
+    # 1000 tokens from a 350-token stream: every token twice, the first 300 a third time.
+    assert counts.min() == 2 and counts.max() == 3 and counts.sum() == 1000
+
+
+def test_segments_respect_the_limit_and_keep_the_text(texts):
+    doc = "\n\n".join(texts["argparse"])
+    pieces = segments(doc, 500)
+    assert all(len(p) <= 500 for p in pieces)
+    assert "".join(pieces).replace("\n", "").replace(" ", "") == doc.replace("\n", "").replace(" ", "")
+
+
+def test_split_is_document_level_seeded_and_disjoint():
+    train, heldout = split_documents(50, 0.2, seed=3)
+    assert sorted(train + heldout) == list(range(50)) and len(heldout) == 10
+    assert (train, heldout) == split_documents(50, 0.2, seed=3)
+    assert heldout != split_documents(50, 0.2, seed=4)[1]
+
+
+def test_shards_hold_every_document_once(tmp_path, texts, tokenizer_dir):
+    from mergemix.tokenize import load_tokenizer
+
+    docs = texts["subprocess"]
+    part = tmp_path / "src" / "p.parquet"
+    part.parent.mkdir()
+    pl.DataFrame({"text": docs}).write_parquet(part)
+    meta = make_shards(part, tokenizer_dir, tmp_path / "tok", heldout_fraction=0.25, segment_chars=300, seed=0)
+    tok = load_tokenizer(tokenizer_dir)
+    decoded = []
+    total_bytes = 0
+    for split in ("train", "heldout"):
+        tokens, index, side = open_tokens(tmp_path / "tok" / split)
+        assert side["n_tokens"] == tokens.size == meta[split]["n_tokens"]
+        stops = list(index[1:, 0]) + [tokens.size]
+        for (start, n_bytes), stop in zip(index, stops):
+            assert tokens[stop - 1] == tok.eos_token_id
+            text = tok.decode(tokens[start : stop - 1].tolist())
+            assert len(text.encode("utf-8")) == n_bytes
+            decoded.append(text)
+        total_bytes += side["n_bytes"]
+    assert total_bytes == sum(len(d.encode("utf-8")) for d in docs) - sum(
+        len(d.encode()) - sum(len(p.encode()) for p in segments(d, 300)) for d in docs
+    )
+    assert "".join(sorted(decoded)).replace("\n", "").replace(" ", "") != ""
+    whole = "".join(decoded).replace("\n", "").replace(" ", "")
+    assert sorted(whole) == sorted("".join(docs).replace("\n", "").replace(" ", ""))

@@ -1,0 +1,87 @@
+"""Real DeepSpeed training of a tiny GPT-NeoX, through the command line the rules use."""
+
+import json
+import subprocess
+import sys
+
+import polars as pl
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mergemix import model as mm
+from mergemix.tokenize import make_shards
+
+MODEL = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64, "context_length": 32, "vocab_size": None}
+TRAIN = {"precision": "fp32", "zero_stage": 0, "betas": [0.9, 0.95], "weight_decay": 0.1, "grad_clip": 1.0}
+
+
+def run_train(*args):
+    cmd = [sys.executable, "-m", "mergemix.train", "--model-json", json.dumps(MODEL), "--train-json", json.dumps(TRAIN),
+           "--threads", "1", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, texts, tokenizer_dir):
+    root = tmp_path_factory.mktemp("shards")
+    for name in ("argparse", "typing"):
+        part = root / "parts" / f"{name}.parquet"
+        part.parent.mkdir(exist_ok=True)
+        pl.DataFrame({"text": texts[name]}).write_parquet(part)
+        make_shards(part, tokenizer_dir, root / name, heldout_fraction=0.1, segment_chars=2000, seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def seed(shards, tokenizer_dir):
+    out = shards / "seed"
+    phase = {"batch_size": 4, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 3}
+    done = run_train("--kind", "seed", "--tokenizer", tokenizer_dir, "--unit", f"{shards}/argparse/train:0",
+                     "--unit-tokens", 4000, "--phase-json", json.dumps(phase), "--out", out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_seed_checkpoint_is_a_loadable_hf_folder_with_sidecar(seed):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(seed)
+    assert model.config.use_parallel_residual and model.config.hidden_size == 32
+    side = mm.read_sidecar(seed)
+    assert side["seed_sha256"] == side["weights_sha256"] and side["steps"] == -(-(3999 // 32) // 4)
+    assert side["optimizer_tensors_carried"] == 0 and side["tokens"] > 3000
+    metrics = pl.read_csv(seed / "train_metrics.csv")
+    assert metrics.height == side["steps"]
+    # the loss falls: mean of the last 5 steps is below the first step
+    assert metrics["loss"].tail(5).mean() < metrics["loss"][0] - 0.5
+    assert (seed / "optimizer.safetensors").is_file()
+
+
+def test_unit_continues_from_the_seed_with_its_optimizer_state(seed, shards, tokenizer_dir):
+    out = shards / "unit"
+    phase = {"batch_size": 4, "lr": 1e-3, "min_lr": 1e-3, "warmup_steps": 2}
+    done = run_train("--kind", "unit", "--tokenizer", tokenizer_dir, "--init", seed, "--unit", f"{shards}/typing/train:0",
+                     "--unit-tokens", 2000, "--phase-json", json.dumps(phase), "--out", out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    side = mm.read_sidecar(out)
+    seed_side = mm.read_sidecar(seed)
+    assert side["seed_sha256"] == seed_side["weights_sha256"]
+    n_params = len(load_file(seed / mm.WEIGHTS))
+    assert side["optimizer_tensors_carried"] == n_params
+    lrs = pl.read_csv(out / "train_metrics.csv")["lr"].to_list()
+    assert lrs[0] == pytest.approx(5e-4) and lrs[-1] == pytest.approx(1e-3)  # re-warmed, then constant
+    a, b = load_file(seed / mm.WEIGHTS), load_file(out / mm.WEIGHTS)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_vocabulary_that_does_not_fit_is_refused_before_training(shards, tokenizer_dir, tmp_path):
+    small = dict(MODEL, vocab_size=64)
+    cmd = [sys.executable, "-m", "mergemix.train", "--model-json", json.dumps(small), "--train-json", json.dumps(TRAIN),
+           "--kind", "seed", "--tokenizer", str(tokenizer_dir), "--unit", f"{shards}/argparse/train:0", "--unit-tokens", "500",
+           "--phase-json", json.dumps({"batch_size": 4, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 1}),
+           "--out", str(tmp_path / "m")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "model.vocab_size is 64 but the tokenizer has" in done.stderr
+    assert not (tmp_path / "m").exists()
