@@ -23,11 +23,11 @@ rule seed:
         "results/benchmarks/train/seed.tsv"
     conda:
         "../envs/mergemix.yaml"
-    threads: res("train", "threads")
+    threads: res("seed", "threads")
     resources:
-        mem_mb=res("train", "mem_mb"),
-        runtime=res("train", "runtime"),
-        gpu=res("train", "gpu"),
+        mem_mb=res("seed", "mem_mb"),
+        runtime=res("seed", "runtime"),
+        gpu=res("seed", "gpu"),
     params:
         how=(
             f"--pretrained {SEED_PRETRAINED}"

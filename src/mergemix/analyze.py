@@ -28,13 +28,14 @@ import logging
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 from scipy import stats
+
+from mergemix import io
 
 log = logging.getLogger("mergemix.analyze")
 
@@ -137,37 +138,8 @@ def domain_label(domain: str) -> str:
 
 
 def write_if_changed(path: str | os.PathLike, data: bytes | str) -> bool:
-    """Atomically write ``data`` to ``path`` unless the file already holds it.
-
-    Returns True when the file was (re)written.  Leaving unchanged files alone
-    keeps their mtime, so downstream rerun triggers only fire on real changes.
-    """
-    path = Path(path)
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    try:
-        if path.is_file() and path.read_bytes() == data:
-            return False
-    except OSError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return True
+    """Atomically write ``data`` unless the file already holds it (see mergemix.io)."""
+    return io.write_bytes(path, data.encode("utf-8") if isinstance(data, str) else data)
 
 
 def _check_columns(columns: Iterable[str], required: Sequence[str], source: str) -> None:

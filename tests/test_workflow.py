@@ -1,0 +1,175 @@
+"""The whole Snakefile, end to end, on a tiny config and local files of real text."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import polars as pl
+import pytest
+import yaml
+
+from tests.conftest import CACHE, REPO
+
+pytestmark = pytest.mark.slow
+
+MODULES = {
+    "seedtext": ["argparse", "subprocess", "inspect", "tarfile", "logging/__init__"],
+    "ood": ["email/message", "http/client"],
+    "alpha": ["typing"],
+    "beta": ["pathlib"],
+    "gamma": ["collections/__init__", "functools"],
+}
+
+
+def tiny_config(root) -> dict:
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config.update(cache_dir=str(CACHE))
+    config["sources"] = {
+        "docs": {
+            "load": {"path": "json", "data_files": ["data/docs.jsonl"], "split": "train"},
+            "text_column": "body",
+            "partition_by": ["topic"],
+            "rename": {"collections": "gamma", "functools": "gamma"},
+            "partitions": {"alpha": 1, "beta": 1, "gamma": 2},
+            "heldout_fraction": 0.15,
+        }
+    }
+    config["seed"].update(load={"path": "json", "data_files": ["data/seed.jsonl"], "split": "train"}, text_column="body")
+    config["eval"].update(
+        ood={"netdocs": {"load": {"path": "parquet", "data_files": ["data/ood.parquet"]}, "text_column": "body"},
+             "seedheld": {"load": {"seed_heldout": True}, "text_column": "body"}},
+        max_docs=40, max_tokens=3000, max_tokens_id=1500, batch_size=8,
+    )
+    config["tokenizer"].update(vocab_size=512, segment_chars=1500)
+    config["model"].update(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, context_length=32)
+    config["train"].update(unit_tokens=1500)
+    config["train"]["seed_phase"].update(tokens=6000, batch_size=4, warmup_steps=5)
+    config["train"]["continued"].update(batch_size=4, warmup_steps=2)
+    config["mixtures"].update(k=2, sample=None)
+    config["merge"].update(methods=["micro", "macro", "weighted"])
+    return config
+
+
+def write_data(root, texts_by_module):
+    data = root / "data"
+    data.mkdir()
+    with open(data / "docs.jsonl", "w") as fh:
+        for part in ("alpha", "beta", "gamma"):
+            for module in MODULES[part]:
+                for doc in texts_by_module[module]:
+                    fh.write(json.dumps({"body": doc, "topic": module.split("/")[0]}) + "\n")
+    with open(data / "seed.jsonl", "w") as fh:
+        for module in MODULES["seedtext"]:
+            for doc in texts_by_module[module]:
+                fh.write(json.dumps({"body": doc}) + "\n")
+    pl.DataFrame({"body": [d for m in MODULES["ood"] for d in texts_by_module[m]]}).write_parquet(data / "ood.parquet")
+
+
+def snakemake(root, *args, timeout=900):
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(root),
+           "--cores", "2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from tests.conftest import stdlib_docstrings
+
+    root = tmp_path_factory.mktemp("workflow")
+    texts = stdlib_docstrings([m for ms in MODULES.values() for m in ms])
+    texts = {k.replace("/__init__", "").replace("/", "."): v for k, v in texts.items()}
+    texts_by_module = {m: texts[m.replace("/__init__", "").replace("/", ".")] for ms in MODULES.values() for m in ms}
+    write_data(root, texts_by_module)
+    (root / "config.yaml").write_text(yaml.safe_dump(tiny_config(root)))
+    done = snakemake(root)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return root
+
+
+def test_every_model_domain_pair_is_scored_consistently(run):
+    table = pl.read_csv(run / "results/perplexity.csv", schema_overrides={"method": pl.Utf8, "model_id": pl.Utf8})
+    assert table.columns == ["model_kind", "model_id", "mixture", "method", "domain", "domain_kind",
+                             "n_docs", "n_tokens", "n_bytes", "nll_sum", "ppl", "bpb"]
+    mixtures = {"alpha+beta", "alpha+gamma", "beta+gamma"}
+    kinds = table.group_by("model_kind").agg(pl.col("model_id").n_unique()).sort("model_kind")
+    # seed; unit models of the 1-unit partitions; one ind model (gamma has 2 units); 3 seq; 3 x 3 merged
+    assert dict(kinds.iter_rows()) == {"ind": 1, "merged": 9, "seed": 1, "seq": 3, "unit": 2}
+    assert set(table.filter(pl.col("model_kind") == "seq")["mixture"]) == mixtures
+    # ppl and bpb follow from the sums
+    for row in table.iter_rows(named=True):
+        assert row["ppl"] == pytest.approx(math.exp(row["nll_sum"] / row["n_tokens"]), rel=1e-6)
+        assert row["bpb"] == pytest.approx(row["nll_sum"] / math.log(2) / row["n_bytes"], rel=1e-6)
+    # every model saw exactly the same documents of a domain
+    same = table.group_by("domain").agg(pl.col("n_tokens").n_unique(), pl.col("n_bytes").n_unique())
+    assert same["n_tokens"].max() == 1 and same["n_bytes"].max() == 1
+    # seq and merged models are scored on the OOD sets and their own partitions only
+    seq = table.filter(pl.col("model_id") == "alpha+gamma")
+    assert set(seq["domain"]) == {"netdocs", "seedheld", "alpha", "gamma"}
+    # continued pretraining helps in domain: each seq model beats the seed on its partitions
+    seed = dict(table.filter(pl.col("model_kind") == "seed").select("domain", "ppl").iter_rows())
+    for row in table.filter((pl.col("model_kind") == "seq") & (pl.col("domain_kind") == "id")).iter_rows(named=True):
+        assert row["ppl"] < seed[row["domain"]], row
+
+
+def test_merges_are_distinct_and_temporary(run):
+    table = pl.read_csv(run / "results/perplexity.csv", schema_overrides={"method": pl.Utf8})
+    merged = table.filter((pl.col("model_kind") == "merged") & (pl.col("mixture") == "alpha+gamma"))
+    by_method = dict(merged.filter(pl.col("domain") == "netdocs").select("method", "nll_sum").iter_rows())
+    # gamma has two units, so micro (1/3 each) and macro (1/2 alpha) are different averages
+    assert by_method["micro"] != by_method["macro"]
+    # alpha+beta: one unit each, so micro and macro are the same average, scored identically
+    ab = table.filter((pl.col("model_kind") == "merged") & (pl.col("mixture") == "alpha+beta") & (pl.col("domain") == "netdocs"))
+    ab = dict(ab.select("method", "nll_sum").iter_rows())
+    assert ab["micro"] == pytest.approx(ab["macro"], rel=1e-9)
+    assert not (run / "work/models/merged").exists() or not any((run / "work/models/merged").rglob("*.safetensors"))
+    for kind in ("unit/docs/gamma/1", "ind/gamma", "seq/alpha+beta", "seed"):
+        side = json.loads((run / "work/models" / kind / "mergemix.json").read_text())
+        assert side["seed_sha256"] == json.loads((run / "work/models/seed/mergemix.json").read_text())["weights_sha256"]
+
+
+def test_analysis_outputs_have_every_domain_and_proxy(run):
+    corr = pl.read_csv(run / "results/correlations.csv")
+    domains = set(corr["domain"])
+    assert {"netdocs", "seedheld", "in-domain"} <= domains
+    assert {"micro", "macro", "weighted", "mean_ind", "ind_id"} <= set(corr["proxy"])
+    assert (corr.filter(pl.col("domain") == "netdocs")["n_mixtures"] == 3).all()
+    table = (run / "results/tables/table2.md").read_text()
+    assert "netdocs" in table and "in-domain" in table
+    for ext in ("png", "pdf"):
+        data = (run / f"results/figures/figure3.{ext}").read_bytes()
+        assert data[:4] in (b"\x89PNG", b"%PDF")
+    for bench in ("train/seed.tsv", "evaluate/seq/alpha+beta.tsv"):
+        assert (run / "results/benchmarks" / bench).stat().st_size > 0
+
+
+def test_rerun_plans_nothing(run):
+    done = snakemake(run, "-n")
+    assert done.returncode == 0
+    assert "Nothing to be done" in done.stdout + done.stderr
+
+
+def test_bad_config_fails_before_any_job(run, tmp_path):
+    shutil.copytree(run / "data", tmp_path / "data")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["train"]["unit_tokenz"] = 5
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    done = snakemake(tmp_path, "-n")
+    assert done.returncode != 0
+    assert "unknown key 'train.unit_tokenz'" in done.stderr + done.stdout
+    assert not (tmp_path / "work").exists()
+
+
+def test_missing_text_column_fails_before_training(run, tmp_path):
+    shutil.copytree(run / "data", tmp_path / "data")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["sources"]["docs"]["text_column"] = "content"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    done = snakemake(tmp_path, "work/partitions/docs/alpha.parquet")
+    assert done.returncode != 0
+    log = (tmp_path / "logs/partition/docs/alpha.log").read_text()
+    assert "text column 'content' not found" in log
+    assert not (tmp_path / "work/partitions/docs/alpha.parquet").exists()
