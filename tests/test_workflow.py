@@ -33,7 +33,7 @@ def tiny_config(root) -> dict:
             "load": {"path": "json", "data_files": ["data/docs.jsonl"], "split": "train"},
             "text_column": "body",
             "partition_by": ["topic"],
-            "rename": {"collections": "gamma", "functools": "gamma"},
+            "rename": {"typing": "alpha", "pathlib": "beta", "collections": "gamma", "functools": "gamma"},
             "partitions": {"alpha": 1, "beta": 1, "gamma": 2},
             "heldout_fraction": 0.15,
         }
@@ -80,10 +80,7 @@ def run(tmp_path_factory):
     from tests.conftest import stdlib_docstrings
 
     root = tmp_path_factory.mktemp("workflow")
-    texts = stdlib_docstrings([m for ms in MODULES.values() for m in ms])
-    texts = {k.replace("/__init__", "").replace("/", "."): v for k, v in texts.items()}
-    texts_by_module = {m: texts[m.replace("/__init__", "").replace("/", ".")] for ms in MODULES.values() for m in ms}
-    write_data(root, texts_by_module)
+    write_data(root, stdlib_docstrings([m for ms in MODULES.values() for m in ms]))
     (root / "config.yaml").write_text(yaml.safe_dump(tiny_config(root)))
     done = snakemake(root)
     assert done.returncode == 0, done.stderr[-4000:]
