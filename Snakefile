@@ -41,8 +41,8 @@ include: "rules/analyze.smk"
 
 
 rule all:
-    default_target: True
     """The demo's deliverables: the tidy table, correlations, tables and figures."""
+    default_target: True
     input:
         "results/perplexity.csv",
         "results/correlations.csv",
