@@ -199,6 +199,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    checkpoint_every: int = 50  # steps between resume states (0: none)
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16"):

@@ -8,9 +8,11 @@ bytes change.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,12 +28,26 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def clear_stale(target: Path) -> None:
+    """Remove temporaries a killed writer left beside `target` (`.{name}.*.tmp`).
+
+    Snakemake never runs two jobs writing the same output, so any such file or folder
+    is debris of an earlier, interrupted attempt.
+    """
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
 def write_bytes(path: str | Path, data: bytes, only_if_changed: bool = True) -> bool:
     """Atomically write `data` to `path`; return False when the file already held it."""
     path = Path(path)
     if only_if_changed and path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
+    clear_stale(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -57,6 +73,34 @@ def write_json(path: str | Path, obj: Any, only_if_changed: bool = True) -> bool
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", only_if_changed)
 
 
+def describe_os_error(exc: OSError) -> str:
+    """One line for a failed read or write: the file, the reason, what to do."""
+    # Name the output the user knows, not its staging temporary (.NAME.xxxx.tmp).
+    where = re.sub(r"(^|/)\.([^/]+)\.[^/.]+\.tmp(?=/|$)", r"\1\2", str(exc.filename)) if exc.filename else "a file"
+    if exc.errno == errno.ENOSPC:
+        return f"no space left on device while writing {where}: free space and rerun (nothing partial was kept)"
+    return f"cannot access {where}: {exc.strerror or exc}"
+
+
+def save_tensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, with its I/O failures raised as OSError naming `path`.
+
+    safetensors reports a full disk as SafetensorError("... (os error 28)"); turning it
+    back into an OSError lets every stage print the same one-line disk message.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except SafetensorError as exc:
+        found = re.search(r"os error (\d+)", str(exc))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from exc
+
+
 def read_json(path: str | Path) -> Any:
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
@@ -73,6 +117,7 @@ class StagingDir:
     def __init__(self, target: str | Path) -> None:
         self.target = Path(target)
         self.target.parent.mkdir(parents=True, exist_ok=True)
+        clear_stale(self.target)
         self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".tmp", dir=self.target.parent))
 
     def commit(self, last: tuple[str, ...] = ()) -> None:

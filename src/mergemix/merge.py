@@ -66,6 +66,8 @@ def check_compatible(paths: list[Path]) -> dict:
 
     if not paths:
         raise MergeError("nothing to merge: no checkpoints given")
+    for path in paths:
+        mm.verify(path)
     first = paths[0]
     seed = mm.read_sidecar(first).get("seed_sha256")
     arch = _architecture(first)
@@ -113,7 +115,6 @@ def average(weights: dict[Path, float]) -> dict[str, torch.Tensor]:
 
 def merge(method: str, groups: dict[str, list[Path]], out: Path, tokens: dict[str, int] | None = None) -> dict:
     """Merge a mixture's checkpoints into a new checkpoint folder at `out`."""
-    from safetensors.torch import save_file
 
     by_name = {str(p): p for members in groups.values() for p in members}
     missing = [p for p in by_name.values() if not (p / mm.WEIGHTS).is_file()]
@@ -132,7 +133,7 @@ def merge(method: str, groups: dict[str, list[Path]], out: Path, tokens: dict[st
     }
     with io.StagingDir(out) as stage:
         io.write_json(stage.path / "config.json", info["config"])
-        save_file(state, stage.path / mm.WEIGHTS, metadata={"format": "pt"})
+        io.save_tensors(state, stage.path / mm.WEIGHTS, metadata={"format": "pt"})
         sidecar["weights_sha256"] = io.sha256_file(stage.path / mm.WEIGHTS)
         io.write_json(stage.path / mm.SIDECAR, sidecar)
         stage.commit(last=(mm.SIDECAR, mm.WEIGHTS))
@@ -176,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("merged %d checkpoints (%s) into %s", len(sidecar["weights"]), args.method, args.out)
     except (MergeError, mm.CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: {io.describe_os_error(exc)}", file=sys.stderr)
         return 1
     return 0
 

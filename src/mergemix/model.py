@@ -61,16 +61,38 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Modul
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    if not (path / WEIGHTS).is_file():
-        raise CheckpointError(f"checkpoint {path} has no {WEIGHTS}")
+    verify(path)
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+
+
+def verify(path: str | Path) -> dict[str, Any]:
+    """Check model.safetensors against the sha256 its sidecar recorded; returns the sidecar.
+
+    A truncated or altered file fails here with its name, before anything reads it.
+    """
+    path = Path(path)
+    sidecar = read_sidecar(path)
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {WEIGHTS}")
+    expected = sidecar.get("weights_sha256")
+    if expected is None:
+        raise CheckpointError(f"{path / SIDECAR} records no weights_sha256: the checkpoint cannot be verified")
+    if io.sha256_file(weights) != expected:
+        raise CheckpointError(
+            f"{weights} does not match the sha256 in {SIDECAR} (truncated or corrupt): delete {path} and rerun"
+        )
+    return sidecar
 
 
 def read_sidecar(path: str | Path) -> dict[str, Any]:
     file = Path(path) / SIDECAR
     if not file.is_file():
         raise CheckpointError(f"checkpoint {path} has no {SIDECAR}: it was not written by mergemix")
-    return io.read_json(file)
+    try:
+        return io.read_json(file)
+    except ValueError as exc:
+        raise CheckpointError(f"{file} is not valid JSON ({exc}): delete {path} and rerun") from exc
 
 
 def hardware() -> dict[str, Any]:
@@ -95,14 +117,13 @@ def save(
     `extra` maps file names to tensor dicts saved as additional safetensors files (the
     seed's optimizer state). A seed's `seed_sha256` is the hash of its own weights.
     """
-    from safetensors.torch import save_file
 
     with io.StagingDir(out) as stage:
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         model.config.save_pretrained(stage.path)
-        save_file(state, stage.path / WEIGHTS, metadata={"format": "pt"})
+        io.save_tensors(state, stage.path / WEIGHTS, metadata={"format": "pt"})
         for name, tensors in (extra or {}).items():
-            save_file(tensors, stage.path / name, metadata={"format": "pt"})
+            io.save_tensors(tensors, stage.path / name, metadata={"format": "pt"})
         sidecar = {**sidecar, "weights_sha256": io.sha256_file(stage.path / WEIGHTS)}
         if is_seed:
             sidecar["seed_sha256"] = sidecar["weights_sha256"]

@@ -256,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     except TokenizeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        print(f"error: {io.describe_os_error(exc)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import logging
 import math
 import os
+import shutil
+import signal
 import socket
 import sys
 import time
@@ -122,6 +125,76 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     return count
 
 
+# --- resumable state -------------------------------------------------------------------
+
+RESUME_DIR = ".resume"
+
+
+def fingerprint(**what: Any) -> str:
+    """Hash of everything that determines a run: a resume state from other inputs is ignored."""
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def save_resume(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                metrics: list[dict[str, Any]], key: str) -> Path:
+    """Write `out/.resume/step-NNNNNNNN/` atomically (a folder renamed into place), then drop older ones."""
+
+    root = out / RESUME_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"step-{step:08d}"
+    with io.StagingDir(target) as stage:
+        io.save_tensors({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, stage.path / mm.WEIGHTS)
+        io.save_tensors(optimizer_state(model, optimizer), stage.path / OPTIMIZER_FILE)
+        io.write_json(stage.path / "state.json", {"step": step, "fingerprint": key, "metrics": metrics})
+        if target.exists():  # written by an earlier attempt with other settings
+            shutil.rmtree(target)
+        stage.path.rename(target)  # one rename: a resume folder is complete or absent
+    # Keep the newest two: if the newest turns out to produce a non-finite loss, the one
+    # before it is the last good state.
+    for old in sorted(root.glob("step-*"))[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def drop_resume_from(out: Path, step: int) -> Path | None:
+    """Delete resume states at or after `step` (they lead to a non-finite loss); return the newest left."""
+    kept = []
+    for folder in sorted((out / RESUME_DIR).glob("step-*")):
+        if int(folder.name.split("-")[1]) >= step:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            kept.append(folder)
+    return kept[-1] if kept else None
+
+
+def latest_resume(out: Path, key: str) -> Path | None:
+    """The newest complete resume folder written for the same inputs, if any."""
+    candidates = sorted((out / RESUME_DIR).glob("step-*"), reverse=True)
+    for folder in candidates:
+        try:
+            state = io.read_json(folder / "state.json")
+        except (OSError, ValueError):
+            continue
+        if state.get("fingerprint") == key:
+            return folder
+        log.warning("ignoring resume state %s: it was written for other inputs or settings", folder)
+    return None
+
+
+class _Preemption:
+    """SIGTERM (Slurm preemption, scancel) asks the loop to save and stop after the current step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
 # --- engine ----------------------------------------------------------------------------
 
 
@@ -199,32 +272,55 @@ def train(
     carried = 0
     if init is not None and (init / OPTIMIZER_FILE).is_file():
         carried = load_optimizer_state(model, optimizer, init / OPTIMIZER_FILE)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, steps, phase) / phase.lr)
+    key = fingerprint(kind=kind, units=units, unit_tokens=unit_tokens, model=asdict(mcfg), train=asdict(tcfg),
+                      phase=asdict(phase), seed=seed, init=seed_sha, tokenizer=tok_hash)
+    start, metrics = 0, []
+    resume = latest_resume(out, key)
+    if resume is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(resume / mm.WEIGHTS))
+        load_optimizer_state(model, optimizer, resume / OPTIMIZER_FILE)
+        state = io.read_json(resume / "state.json")
+        start, metrics = state["step"], state["metrics"]
+        log.info("resuming %s from %s (step %d of %d)", kind, resume, start, steps)
     _single_process_env()
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(phase.batch_size, tcfg)
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(phase.batch_size, tcfg)
     )
     rank0 = engine.global_rank == 0
     log.info("%s: %d windows, %d steps, %d optimizer tensors carried from %s", kind, len(data), steps, carried, init)
 
-    metrics: list[dict[str, Any]] = []
-    tokens_seen = 0
+    tokens_seen = metrics[-1]["tokens"] if metrics else 0
+    preemption = _Preemption()
     engine.train()
-    bar = tqdm(range(steps), desc=f"train {kind}", disable=not rank0, mininterval=5)
+    bar = tqdm(range(start, steps), desc=f"train {kind}", disable=not rank0, mininterval=5,
+               initial=start, total=steps)
     for step in bar:
         batch = torch.from_numpy(data[order[step * phase.batch_size : (step + 1) * phase.batch_size]])
         batch = batch.to(engine.device)
         loss = engine(input_ids=batch, labels=batch).loss
         if not torch.isfinite(loss):
-            raise TrainError(f"{kind} training loss is {loss.item()} at step {step}: lower the learning rate")
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses
+            good = drop_resume_from(out, step) if rank0 else None
+            kept = f"; the last good state ({good.name}) is kept in {good.parent}" if good else ""
+            raise TrainError(f"{kind} training loss is {loss.item()} at step {step}: lower the learning rate{kept}")
+        lr = lr_at(step, steps, phase)  # a pure function of the step: nothing to restore on resume
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         engine.backward(loss)
         engine.step()
         tokens_seen += batch.shape[0] * (batch.shape[1] - 1)
-        elapsed = time.time() - started
         metrics.append({"step": step + 1, "tokens": tokens_seen, "loss": round(loss.item(), 5),
-                        "lr": lr, "elapsed_s": round(elapsed, 3)})
+                        "lr": lr, "elapsed_s": round(time.time() - started, 3)})
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        done = step + 1
+        periodic = tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0 and done < steps
+        if rank0 and (periodic or preemption.requested):
+            save_resume(out, engine.module, optimizer, done, metrics, key)
+        if preemption.requested:
+            log.warning("SIGTERM: saved state at step %d of %d in %s; rerun to resume", done, steps, out / RESUME_DIR)
+            raise SystemExit(143)
+    preemption.restore()
 
     sidecar = {
         "kind": kind,
@@ -245,8 +341,9 @@ def train(
     if rank0:
         module = engine.module
         extra = {OPTIMIZER_FILE: optimizer_state(module, optimizer)} if kind == "seed" else None
-        sidecar = mm.save(module, out, sidecar, extra, is_seed=kind == "seed")
         _write_metrics(out / METRICS_FILE, metrics)
+        sidecar = mm.save(module, out, sidecar, extra, is_seed=kind == "seed")
+        shutil.rmtree(out / RESUME_DIR, ignore_errors=True)
     return sidecar
 
 
@@ -301,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
             import_seed(args.pretrained, args.tokenizer, args.out)
             return 0
         train_section = json.loads(args.train_json)
-        tcfg = TrainConfig(**{k: train_section[k] for k in ("precision", "zero_stage", "betas", "weight_decay", "grad_clip") if k in train_section})
+        fields = ("precision", "zero_stage", "betas", "weight_decay", "grad_clip", "checkpoint_every")
+        tcfg = TrainConfig(**{k: train_section[k] for k in fields if k in train_section})
         train(
             kind=args.kind,
             units=args.unit,
@@ -317,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (TrainError, TokenizeError, mm.CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: {io.describe_os_error(exc)}", file=sys.stderr)
         return 1
     return 0
 

@@ -1,0 +1,380 @@
+"""The bad-input catalogue: every case runs the command a user (or the workflow) runs and
+expects exactly one error line that names the culprit, and no partial output.
+
+Config cases go through `snakemake --dry-run` on a copy of the demo config; stage cases
+call the stage's command line (`python -m mergemix.<stage>`) on files the test writes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from mergemix import io
+from mergemix import model as mm
+from tests.conftest import REPO, make_checkpoint
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, cwd=cwd)
+
+
+def error_line(done: subprocess.CompletedProcess, prefix: str = "error:") -> str:
+    """The one line a failed command printed to explain itself."""
+    printed = done.stdout + done.stderr  # snakemake reports on stdout, stages on stderr
+    assert done.returncode != 0, f"expected a failure, got rc 0:\n{printed[-2000:]}"
+    lines = [line for line in printed.splitlines() if prefix in line]
+    assert len(lines) == 1, f"expected one '{prefix}' line, got {len(lines)}:\n{printed[-3000:]}"
+    assert "Traceback" not in printed, printed[-3000:]
+    return lines[0]
+
+
+def assert_nothing_left(folder: Path, before: set[str] = frozenset()) -> None:
+    """`folder` holds no file the failed command wrote (temporaries included)."""
+    now = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()} if folder.exists() else set()
+    assert now <= set(before), f"partial output left behind: {sorted(now - set(before))}"
+
+
+def files_under(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+# --- config: snakemake --dry-run on an edited copy of config.yaml ----------------------
+
+
+def _drop(key):
+    def edit(c):
+        section, name = key.rsplit(".", 1)
+        node = c
+        for part in section.split("."):
+            node = node[part]
+        del node[name]
+
+    return edit
+
+
+def _set(key, value):
+    def edit(c):
+        *path, name = key.split(".")
+        node = c
+        for part in path:
+            node = node[part]
+        node[name] = value
+
+    return edit
+
+
+def _duplicate_partition(c):
+    c["sources"]["again"] = copy.deepcopy(c["sources"]["sotu"])
+    c["sources"]["again"]["partitions"] = {"1990s": 1}
+
+
+CONFIG_CASES = {
+    "unknown top-level key": (_set("modle", {"hidden_size": 64}), "modle"),
+    "mistyped nested key": (_set("train.continued.lrr", 0.001), "train.continued.lrr"),
+    "missing key": (_drop("model.hidden_size"), "model.hidden_size"),
+    "wrong type": (_set("train.unit_tokens", "lots"), "train.unit_tokens"),
+    "out of range": (_set("eval.max_tokens", 0), "eval.max_tokens"),
+    "out of range nested": (_set("train.continued.lr", 5.0), "train.continued.lr"),
+    "heads do not divide width": (_set("model.num_heads", 5), "model.num_heads"),
+    "min_lr above lr": (_set("train.seed_phase.min_lr", 0.5), "train.seed_phase.min_lr"),
+    "duplicate partition names": (_duplicate_partition, "1990s"),
+    "mixture names an unknown partition": (_set("mixtures.include", [["1850s", "1870"]]), "1870"),
+    "k above the partition count": (_set("mixtures.k", 40), "mixtures.k"),
+    "bad partition name": (_set("sources.sotu.partitions", {"../up": 1}), "../up"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_CASES))
+def test_config_error_names_the_key_before_anything_runs(case, tmp_path):
+    edit, culprit = CONFIG_CASES[case]
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    edit(config)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    done = run("-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path), "-n", "--cores", "1")
+    line = error_line(done, "config error:")
+    assert culprit in line, line
+    assert files_under(tmp_path) == {"config.yaml"}, "a config error must not create outputs"
+
+
+# --- corpus: python -m mergemix.corpus partition ----------------------------------------
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+ROWS = [{"body": f"document number {i} about {t}", "topic": t, "n": i} for i, t in enumerate("aabbc")]
+
+
+def _spec(files, **over):
+    spec = {"source": "toy", "load": {"path": "json", "data_files": [str(f) for f in files]},
+            "text_column": "body", "partition_by": ["topic"], "partitions": ["a", "b"]}
+    spec.update(over)
+    return spec
+
+
+def corpus_missing_file(tmp):
+    return _spec([tmp / "nope.jsonl"]), "nope.jsonl"
+
+
+def corpus_corrupt_parquet(tmp):
+    bad = tmp / "broken.parquet"
+    bad.write_bytes(b"PAR1 this is not a parquet file")
+    return _spec([bad], load={"path": "parquet", "data_files": [str(bad)]}), "broken.parquet"
+
+
+def corpus_non_utf8(tmp):
+    good = _jsonl(tmp / "good.jsonl", ROWS)
+    bad = tmp / "latin1.jsonl"
+    bad.write_bytes(json.dumps({"body": "x", "topic": "a"}).encode() + b"\n" + b'{"body": "caf\xe9", "topic": "a"}\n')
+    return _spec([good, bad]), "latin1.jsonl"
+
+
+def corpus_missing_text_column(tmp):
+    return _spec([_jsonl(tmp / "d.jsonl", ROWS)], text_column="content"), "content"
+
+
+def corpus_missing_metadata_column(tmp):
+    return _spec([_jsonl(tmp / "d.jsonl", ROWS)], partition_by=["year"]), "year"
+
+
+def corpus_text_not_string(tmp):
+    return _spec([_jsonl(tmp / "d.jsonl", ROWS)], text_column="n"), "'n'"
+
+
+def corpus_empty_partition(tmp):
+    return _spec([_jsonl(tmp / "d.jsonl", ROWS)], partitions=["a", "zzz"]), "zzz"
+
+
+def corpus_duplicate_partition(tmp):
+    return _spec([_jsonl(tmp / "d.jsonl", ROWS)], partitions=["a", "b", "a"]), "'a'"
+
+
+def corpus_blank_only_partition(tmp):
+    rows = ROWS + [{"body": "   ", "topic": "blank", "n": 9}]
+    return _spec([_jsonl(tmp / "d.jsonl", rows)], partitions=["a", "blank"]), "blank"
+
+
+CORPUS_CASES = [corpus_missing_file, corpus_corrupt_parquet, corpus_non_utf8, corpus_missing_text_column,
+                corpus_missing_metadata_column, corpus_text_not_string, corpus_empty_partition,
+                corpus_duplicate_partition, corpus_blank_only_partition]
+
+
+@pytest.mark.parametrize("case", CORPUS_CASES, ids=lambda f: f.__name__.removeprefix("corpus_"))
+def test_corpus_error_names_the_culprit(case, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    spec, culprit = case(tmp_path)
+    out = tmp_path / "parts"
+    done = run("-m", "mergemix.corpus", "partition", "--spec-json", json.dumps(spec), "--out-dir", str(out))
+    line = error_line(done)
+    assert culprit in line, line
+    assert_nothing_left(out)
+
+
+# --- tokenizer and training -------------------------------------------------------------
+
+MODEL = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64, "context_length": 32}
+PHASE = {"batch_size": 4, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory, texts, tokenizer_dir):
+    from mergemix.tokenize import make_shards
+
+    root = tmp_path_factory.mktemp("shards")
+    part = root / "docs.parquet"
+    pl.DataFrame({"text": [t for docs in texts.values() for t in docs]}).write_parquet(part)
+    make_shards(part, tokenizer_dir, root / "docs", heldout_fraction=0.1, segment_chars=2000, seed=0)
+    return root / "docs" / "train"
+
+
+def train_cmd(shard, tokenizer_dir, out, model=MODEL, phase=PHASE, train=None, tokens=4000):
+    return ["-m", "mergemix.train", "--kind", "seed", "--tokenizer", str(tokenizer_dir), "--unit", f"{shard}:0",
+            "--unit-tokens", str(tokens), "--model-json", json.dumps(model), "--phase-json", json.dumps(phase),
+            "--train-json", json.dumps(train or {"checkpoint_every": 1}), "--threads", "1", "--out", str(out)]
+
+
+def test_tokenizer_larger_than_model_vocabulary(shard, tokenizer_dir, tmp_path):
+    out = tmp_path / "seed"
+    line = error_line(run(*train_cmd(shard, tokenizer_dir, out, model=dict(MODEL, vocab_size=100))))
+    assert "model.vocab_size" in line and "100" in line, line
+    assert_nothing_left(out)
+
+
+def test_unknown_tokenizer_name(tmp_path):
+    out = tmp_path / "tokenizer"
+    missing = tmp_path / "no-such-tokenizer"
+    line = error_line(run("-m", "mergemix.tokenize", "tokenizer", "--name", str(missing), "--out-dir", str(out)))
+    assert str(missing) in line, line
+    assert_nothing_left(out)
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_state(shard, tokenizer_dir, tmp_path):
+    """An absurd learning rate diverges after a few steps: training stops with the step,
+    writes no model, and keeps the newest resume state whose loss was still finite."""
+    out = tmp_path / "seed"
+    phase = dict(PHASE, lr=1e9, min_lr=1e9, warmup_steps=10**9)  # lr grows by 1.0 per step
+    line = error_line(run(*train_cmd(shard, tokenizer_dir, out, phase=phase, tokens=20000)))
+    assert "loss is nan" in line or "loss is inf" in line, line
+    failed_at = int(line.split(" at step ")[1].split(":")[0])
+    assert not (out / mm.WEIGHTS).exists()
+    kept = sorted((out / ".resume").glob("step-*"))
+    assert kept, "the last good state must be kept"
+    assert all(int(k.name.split("-")[1]) < failed_at for k in kept), (kept, failed_at)
+    assert kept[-1].name in line
+
+
+# --- merging and evaluation of checkpoints ----------------------------------------------
+
+
+def _rewrite_weights(path: Path, edit) -> None:
+    """Change a checkpoint's tensors and keep its sidecar consistent (a well-formed but different model)."""
+    state = edit(load_file(path / mm.WEIGHTS))
+    save_file(state, path / mm.WEIGHTS, metadata={"format": "pt"})
+    sidecar = mm.read_sidecar(path)
+    sidecar["weights_sha256"] = io.sha256_file(path / mm.WEIGHTS)
+    io.write_json(path / mm.SIDECAR, sidecar)
+
+
+def ckpt_other_seed(tmp, cfg):
+    make_checkpoint(tmp / "b", cfg, 2, seed_sha="t" * 64)
+    return "seed tttttttttttt"
+
+
+def ckpt_other_architecture(tmp, cfg):
+    from dataclasses import replace
+
+    make_checkpoint(tmp / "b", replace(cfg, num_layers=3), 2)
+    return "num_hidden_layers"
+
+
+def ckpt_other_shape(tmp, cfg):
+    make_checkpoint(tmp / "b", cfg, 2)
+    name = "lm_head.weight"
+    _rewrite_weights(tmp / "b", lambda s: {**s, name: s[name][:-8].clone()})
+    return name
+
+
+def ckpt_missing_tensor(tmp, cfg):
+    make_checkpoint(tmp / "b", cfg, 2)
+    _rewrite_weights(tmp / "b", lambda s: {k: v for k, v in s.items() if k != "lm_head.weight"})
+    return "lm_head.weight"
+
+
+def ckpt_corrupt_bytes(tmp, cfg):
+    make_checkpoint(tmp / "b", cfg, 2)
+    weights = tmp / "b" / mm.WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    return str(weights)
+
+
+def ckpt_truncated(tmp, cfg):
+    make_checkpoint(tmp / "b", cfg, 2)
+    weights = tmp / "b" / mm.WEIGHTS
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return str(weights)
+
+
+def ckpt_no_sidecar(tmp, cfg):
+    make_checkpoint(tmp / "b", cfg, 2)
+    (tmp / "b" / mm.SIDECAR).unlink()
+    return str(tmp / "b")
+
+
+def ckpt_bad_sidecar(tmp, cfg):
+    make_checkpoint(tmp / "b", cfg, 2)
+    (tmp / "b" / mm.SIDECAR).write_text('{"kind": "unit", ')
+    return str(tmp / "b" / mm.SIDECAR)
+
+
+def ckpt_no_weights(tmp, cfg):
+    make_checkpoint(tmp / "b", cfg, 2)
+    (tmp / "b" / mm.WEIGHTS).unlink()
+    return str(tmp / "b")
+
+
+CHECKPOINT_CASES = [ckpt_other_seed, ckpt_other_architecture, ckpt_other_shape, ckpt_missing_tensor,
+                    ckpt_corrupt_bytes, ckpt_truncated, ckpt_no_sidecar, ckpt_bad_sidecar, ckpt_no_weights]
+
+
+@pytest.mark.parametrize("case", CHECKPOINT_CASES, ids=lambda f: f.__name__.removeprefix("ckpt_"))
+def test_merge_refuses_with_the_culprit(case, tmp_path, tiny_model_config):
+    make_checkpoint(tmp_path / "a", tiny_model_config, 1)
+    culprit = case(tmp_path, tiny_model_config)
+    out = tmp_path / "merged"
+    done = run("-m", "mergemix.merge", "--method", "micro", "--model", f"p={tmp_path / 'a'}",
+               "--model", f"q={tmp_path / 'b'}", "--out", str(out))
+    line = error_line(done)
+    assert culprit in line, line
+    assert_nothing_left(out)
+    assert not list(tmp_path.glob(".merged*")), "staging debris left beside the output"
+
+
+@pytest.mark.parametrize("case", [ckpt_corrupt_bytes, ckpt_truncated], ids=["corrupt", "truncated"])
+def test_evaluate_refuses_a_damaged_checkpoint(case, tmp_path, tiny_model_config, shard):
+    culprit = case(tmp_path, tiny_model_config)
+    out = tmp_path / "rows.csv"
+    done = run("-m", "mergemix.evaluate", "--model", str(tmp_path / "b"), "--domain", f"docs:ood:1000:{shard}",
+               "--out", str(out), "--model-kind", "unit", "--model-id", "b")
+    line = error_line(done)
+    assert culprit in line, line
+    assert not out.exists()
+
+
+# --- a full disk ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 64 KiB tmpfs: too small for a checkpoint. Needs root (CI runs as root)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()}): run as root to test a full disk")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_full_disk_while_saving_a_merge(tmp_path, tiny_model_config, tiny_disk):
+    make_checkpoint(tmp_path / "a", tiny_model_config, 1)
+    make_checkpoint(tmp_path / "b", tiny_model_config, 2)
+    (tiny_disk / "mine.txt").write_text("a file of the user's that must survive\n")
+    out = tiny_disk / "merged"
+    done = run("-m", "mergemix.merge", "--method", "micro", "--model", f"p={tmp_path / 'a'}",
+               "--model", f"q={tmp_path / 'b'}", "--out", str(out))
+    line = error_line(done)
+    assert "no space left" in line and f"{out}/{mm.WEIGHTS}" in line, line
+    assert files_under(tiny_disk) == {"mine.txt"}
+    assert (tiny_disk / "mine.txt").read_text().startswith("a file of the user's")
+
+
+def test_partial_resume_folders_are_not_trusted(tmp_path):
+    """A resume folder without its state.json (killed while writing) is skipped, not loaded."""
+    from mergemix.train import latest_resume
+
+    broken = tmp_path / ".resume" / "step-00000009"
+    broken.mkdir(parents=True)
+    (broken / mm.WEIGHTS).write_bytes(b"half")
+    assert latest_resume(tmp_path, "key") is None
+    good = tmp_path / ".resume" / "step-00000004"
+    good.mkdir()
+    io.write_json(good / "state.json", {"step": 4, "fingerprint": "key", "metrics": []})
+    assert latest_resume(tmp_path, "key") == good
+    shutil.rmtree(tmp_path / ".resume")

@@ -1,0 +1,120 @@
+"""Training survives SIGKILL and SIGTERM: a rerun resumes and ends bit for bit where an
+uninterrupted run ends (CPU, fp32, same thread count)."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import polars as pl
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mergemix import model as mm
+from mergemix.tokenize import make_shards
+
+MODEL = {"hidden_size": 64, "num_layers": 3, "num_heads": 4, "intermediate_size": 128, "context_length": 64, "vocab_size": None}
+TRAIN = {"precision": "fp32", "zero_stage": 0, "betas": [0.9, 0.95], "weight_decay": 0.1, "grad_clip": 1.0,
+         "checkpoint_every": 4}
+PHASE = {"batch_size": 8, "lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 5}
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory, texts, tokenizer_dir):
+    root = tmp_path_factory.mktemp("resume")
+    part = root / "parts" / "docs.parquet"
+    part.parent.mkdir()
+    pl.DataFrame({"text": [t for docs in texts.values() for t in docs]}).write_parquet(part)
+    make_shards(part, tokenizer_dir, root / "docs", heldout_fraction=0.1, segment_chars=2000, seed=0)
+    return root / "docs" / "train"
+
+
+def command(shard, tokenizer_dir, out):
+    return [sys.executable, "-m", "mergemix.train", "--kind", "seed", "--tokenizer", str(tokenizer_dir),
+            "--unit", f"{shard}:0", "--unit-tokens", "40000", "--model-json", json.dumps(MODEL),
+            "--train-json", json.dumps(TRAIN), "--phase-json", json.dumps(PHASE), "--threads", "1", "--out", str(out)]
+
+
+def run(cmd):
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def reference(shard, tokenizer_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "model"
+    run(command(shard, tokenizer_dir, out))
+    assert not (out / ".resume").exists()
+    return out
+
+
+def assert_same_weights(a, b):
+    wa, wb = load_file(a / mm.WEIGHTS), load_file(b / mm.WEIGHTS)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+    la = pl.read_csv(a / "train_metrics.csv")["loss"].to_list()
+    lb = pl.read_csv(b / "train_metrics.csv")["loss"].to_list()
+    assert la == lb
+
+
+def start_and_signal(cmd, out, after_step, sig):
+    """Start training; once a resume state at or after `after_step` exists, send `sig`."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        steps = [int(p.name.split("-")[1]) for p in (out / ".resume").glob("step-*")] if (out / ".resume").exists() else []
+        if steps and max(steps) >= after_step:
+            time.sleep(random.uniform(0, 0.05))  # land somewhere inside a later step
+            proc.send_signal(sig)
+            break
+        time.sleep(0.002)
+    proc.wait(timeout=120)
+    return proc
+
+
+def test_sigkill_at_random_steps_resumes_bit_for_bit(shard, tokenizer_dir, reference, tmp_path):
+    total = mm.read_sidecar(reference)["steps"]
+    rng = random.Random(os.environ.get("MERGEMIX_KILL_SEED", time.time_ns()))
+    points = sorted(rng.sample(range(TRAIN["checkpoint_every"], total - 6), 3))
+    print("kill points (steps):", points)
+    for point in points:
+        out = tmp_path / f"killed-{point}"
+        proc = start_and_signal(command(shard, tokenizer_dir, out), out, point, signal.SIGKILL)
+        assert proc.returncode == -signal.SIGKILL, f"training ended before the kill at {point}"
+        assert not (out / mm.WEIGHTS).exists()
+        resumed = run(command(shard, tokenizer_dir, out))
+        assert "resuming seed" in resumed.stderr
+        assert_same_weights(reference, out)
+        assert not (out / ".resume").exists()
+
+
+def test_sigterm_saves_promptly_and_a_rerun_resumes(shard, tokenizer_dir, reference, tmp_path):
+    out = tmp_path / "preempted"
+    began = time.time()
+    proc = start_and_signal(command(shard, tokenizer_dir, out), out, 8, signal.SIGTERM)
+    stderr = proc.stderr.read()
+    assert proc.returncode == 143, stderr[-2000:]
+    assert time.time() - began < 120
+    # the state saved on SIGTERM is the newest one, at the step the log names
+    saved = sorted(p.name for p in (out / ".resume").glob("step-*"))
+    step = int(stderr.split("SIGTERM: saved state at step ")[1].split()[0])
+    assert saved[-1] == f"step-{step:08d}" and step >= 8
+    assert not (out / mm.WEIGHTS).exists()
+    run(command(shard, tokenizer_dir, out))
+    assert_same_weights(reference, out)
+
+
+def test_state_from_other_settings_is_not_resumed(shard, tokenizer_dir, reference, tmp_path):
+    out = tmp_path / "changed"
+    proc = start_and_signal(command(shard, tokenizer_dir, out), out, 4, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    cmd = command(shard, tokenizer_dir, out)
+    cmd[cmd.index("--phase-json") + 1] = json.dumps(dict(PHASE, lr=1e-3))
+    done = run(cmd)
+    assert "ignoring resume state" in done.stderr and "resuming" not in done.stderr
