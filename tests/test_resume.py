@@ -4,6 +4,7 @@ uninterrupted run ends (CPU, fp32, same thread count)."""
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,3 +119,32 @@ def test_state_from_other_settings_is_not_resumed(shard, tokenizer_dir, referenc
     cmd[cmd.index("--phase-json") + 1] = json.dumps(dict(PHASE, lr=1e-3))
     done = run(cmd)
     assert "ignoring resume state" in done.stderr and "resuming" not in done.stderr
+
+
+def test_a_merge_killed_at_any_moment_leaves_a_complete_checkpoint_or_none(tmp_path, tiny_model_config):
+    """SIGKILL a merge at random moments: its output is absent or verifies; a rerun clears the debris."""
+    from tests.conftest import make_checkpoint
+
+    for seed in (1, 2, 3):
+        make_checkpoint(tmp_path / f"m{seed}", tiny_model_config, seed)
+    out = tmp_path / "merged"
+    cmd = [sys.executable, "-m", "mergemix.merge", "--method", "micro", "--out", str(out)]
+    cmd += [arg for s in (1, 2, 3) for arg in ("--model", f"p{s}={tmp_path / f'm{s}'}")]
+    began = time.time()
+    run(cmd)
+    full = time.time() - began
+    shutil.rmtree(out)
+    rng = random.Random(os.environ.get("MERGEMIX_KILL_SEED", time.time_ns()))
+    for _ in range(4):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3 * full, 1.1 * full))
+        proc.kill()
+        proc.wait()
+        # model.safetensors, the file the workflow watches, lands last: if it is there,
+        # the folder is complete and its sidecar describes it.
+        if (out / mm.WEIGHTS).exists():
+            mm.verify(out)
+        shutil.rmtree(out, ignore_errors=True)
+    run(cmd)
+    mm.verify(out)
+    assert not list(tmp_path.glob(".merged.*.tmp")), "debris of killed merges must be cleared by the next one"
