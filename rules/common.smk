@@ -34,6 +34,12 @@ def res(kind, key):
     return config["resources"][kind][key]
 
 
+def ranks(kind):
+    """Data-parallel training processes of a job: one per GPU, else `processes` (default 1)."""
+    group = config["resources"][kind]
+    return group["gpu"] if group["gpu"] > 0 else group.get("processes", 1)
+
+
 # --- corpus ---------------------------------------------------------------------------
 
 

@@ -118,17 +118,19 @@ rule seq:
         "results/benchmarks/train/seq/{mixture}.tsv"
     conda:
         "../envs/mergemix.yaml"
-    threads: res("train", "threads")
+    threads: res("seq", "threads") * ranks("seq")
     resources:
-        mem_mb=res("train", "mem_mb"),
-        runtime=res("train", "runtime"),
-        gpu=res("train", "gpu"),
+        mem_mb=res("seq", "mem_mb") * ranks("seq"),
+        runtime=res("seq", "runtime"),
+        gpu=res("seq", "gpu"),
     params:
         units=seq_unit_flags,
         flags=f"{TRAIN_FLAGS} {CONTINUED}",
         meta=lambda w: json_flag({"mixture": w.mixture}),
         ext=EXT_DIR,
+        ranks=ranks("seq"),
+        per_rank=res("seq", "threads"),
     shell:
         "TORCH_EXTENSIONS_DIR={params.ext} python -m mergemix.train --kind seq {params.units}"
-        " {params.flags} --meta-json {params.meta} --threads {threads}"
+        " {params.flags} --meta-json {params.meta} --threads {params.per_rank} --processes {params.ranks}"
         " --out work/models/seq/{wildcards.mixture} > {log} 2>&1"

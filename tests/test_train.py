@@ -49,7 +49,7 @@ def test_seed_checkpoint_is_a_loadable_hf_folder_with_sidecar(seed):
     model = AutoModelForCausalLM.from_pretrained(seed)
     assert model.config.use_parallel_residual and model.config.hidden_size == 32
     side = mm.read_sidecar(seed)
-    assert side["seed_sha256"] == side["weights_sha256"] and side["steps"] == -(-(3999 // 32) // 4)
+    assert side["seed_sha256"] == side["weights_sha256"] and side["steps"] == (3999 // 32) // 4
     assert side["optimizer_tensors_carried"] == 0 and side["tokens"] > 3000
     metrics = pl.read_csv(seed / "train_metrics.csv")
     assert metrics.height == side["steps"]
@@ -85,3 +85,26 @@ def test_vocabulary_that_does_not_fit_is_refused_before_training(shards, tokeniz
     assert done.returncode == 1
     assert "model.vocab_size is 64 but the tokenizer has" in done.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_seq_on_two_data_parallel_ranks_matches_one_process(shards, seed, tokenizer_dir, tmp_path):
+    """`--processes 2` goes through the DeepSpeed launcher (two CPU ranks, gloo) and trains the
+    same model as one process: each rank takes half of every global batch."""
+    phase = {"batch_size": 4, "lr": 1e-3, "min_lr": 1e-3, "warmup_steps": 2}
+    units = ["--unit", f"{shards}/argparse/train:0", "--unit", f"{shards}/typing/train:0"]
+    outs = {}
+    for n in (1, 2):
+        outs[n] = tmp_path / f"seq-{n}"
+        done = run_train("--kind", "seq", "--tokenizer", tokenizer_dir, "--init", seed, *units, "--unit-tokens", 1500,
+                         "--phase-json", json.dumps(phase), "--processes", n, "--out", outs[n])
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert mm.read_sidecar(outs[2])["hardware"]["world_size"] == 2
+    assert mm.read_sidecar(outs[1])["hardware"]["world_size"] == 1
+    one, two = load_file(outs[1] / mm.WEIGHTS), load_file(outs[2] / mm.WEIGHTS)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=2e-5, msg=name)
+    loss1 = pl.read_csv(outs[1] / "train_metrics.csv")["loss"]
+    loss2 = pl.read_csv(outs[2] / "train_metrics.csv")["loss"]
+    assert loss1.len() == loss2.len() and (loss1 - loss2).abs().max() < 1e-4
+    seed_weights = load_file(seed / mm.WEIGHTS)
+    assert not torch.equal(one["lm_head.weight"], seed_weights["lm_head.weight"])  # it did train

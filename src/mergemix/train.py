@@ -195,6 +195,17 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
+def _agree(loss: torch.Tensor, stop: bool, world: int) -> tuple[float, bool]:
+    """Mean loss over the ranks, and whether any rank was asked to stop."""
+    if world == 1:
+        return loss.item(), stop
+    import torch.distributed as dist
+
+    both = torch.stack([loss.float(), torch.tensor(float(stop), device=loss.device)])
+    dist.all_reduce(both)  # sum over ranks (gloo on CPUs)
+    return both[0].item() / world, both[1].item() > 0
+
+
 # --- engine ----------------------------------------------------------------------------
 
 
@@ -202,17 +213,39 @@ def _single_process_env() -> None:
     """Let deepspeed.initialize run without a launcher (a world of one process)."""
     if "RANK" in os.environ:
         return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def deepspeed_config(batch_size: int, tcfg: TrainConfig) -> dict[str, Any]:
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(processes: int, argv: list[str]) -> int:
+    """Rerun this command as `processes` data-parallel ranks under the DeepSpeed launcher.
+
+    One rank per GPU when GPUs are visible, CPU processes otherwise (the test here). The
+    launcher sets RANK/WORLD_SIZE/MASTER_* for each rank and forwards SIGTERM to them.
+    """
+    import subprocess
+
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(processes),
+           "--master_port", str(free_port()), "--module", "mergemix.train", *argv]
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    log.info("launching %d ranks: %s", processes, " ".join(cmd))
+    return subprocess.call(cmd, env=env)
+
+
+def deepspeed_config(batch_size: int, tcfg: TrainConfig, world_size: int = 1) -> dict[str, Any]:
+    """One optimizer step per global batch of `batch_size` windows, split evenly over the ranks."""
     config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": batch_size,
+        "train_batch_size": batch_size,
+        "train_micro_batch_size_per_gpu": batch_size // world_size,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": tcfg.grad_clip,
         "zero_optimization": {"stage": tcfg.zero_stage},
@@ -264,7 +297,12 @@ def train(
     context = model.config.max_position_embeddings if init is not None else mcfg.context_length
     data = windows(units, unit_tokens, context, tok_hash)
     order = np.random.default_rng(seed).permutation(len(data))
-    steps = math.ceil(len(data) / phase.batch_size)
+    # Full batches only (the last < batch_size windows are left out), so a step means the
+    # same on any number of data-parallel processes.
+    steps = len(data) // phase.batch_size
+    if steps == 0:
+        raise TrainError(f"{kind}: {len(data)} training windows are fewer than one batch of {phase.batch_size}: "
+                         "raise unit_tokens or lower batch_size")
 
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=phase.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay
@@ -285,10 +323,16 @@ def train(
         start, metrics = state["step"], state["metrics"]
         log.info("resuming %s from %s (step %d of %d)", kind, resume, start, steps)
     _single_process_env()
+    world = int(os.environ["WORLD_SIZE"])
+    if phase.batch_size % world:
+        raise TrainError(f"batch_size {phase.batch_size} cannot be split evenly over {world} processes: "
+                         "make it a multiple of the process count")
     engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(phase.batch_size, tcfg)
+        model=model, optimizer=optimizer, config=deepspeed_config(phase.batch_size, tcfg, world)
     )
     rank0 = engine.global_rank == 0
+    micro = phase.batch_size // world
+    mine = slice(engine.global_rank * micro, (engine.global_rank + 1) * micro)  # this rank's share of a batch
     log.info("%s: %d windows, %d steps, %d optimizer tensors carried from %s", kind, len(data), steps, carried, init)
 
     tokens_seen = metrics[-1]["tokens"] if metrics else 0
@@ -297,27 +341,30 @@ def train(
     bar = tqdm(range(start, steps), desc=f"train {kind}", disable=not rank0, mininterval=5,
                initial=start, total=steps)
     for step in bar:
-        batch = torch.from_numpy(data[order[step * phase.batch_size : (step + 1) * phase.batch_size]])
-        batch = batch.to(engine.device)
-        loss = engine(input_ids=batch, labels=batch).loss
-        if not torch.isfinite(loss):
+        # The global batch is the same for any process count; each rank takes its slice.
+        batch = data[order[step * phase.batch_size : (step + 1) * phase.batch_size]]
+        local = torch.from_numpy(batch[mine]).to(engine.device)
+        loss = engine(input_ids=local, labels=local).loss
+        # Ranks agree on the batch loss and on a pending SIGTERM, so they stop together.
+        mean_loss, stop = _agree(loss.detach(), preemption.requested, world)
+        if not math.isfinite(mean_loss):
             good = drop_resume_from(out, step) if rank0 else None
             kept = f"; the last good state ({good.name}) is kept in {good.parent}" if good else ""
-            raise TrainError(f"{kind} training loss is {loss.item()} at step {step}: lower the learning rate{kept}")
+            raise TrainError(f"{kind} training loss is {mean_loss} at step {step}: lower the learning rate{kept}")
         lr = lr_at(step, steps, phase)  # a pure function of the step: nothing to restore on resume
         for group in optimizer.param_groups:
             group["lr"] = lr
         engine.backward(loss)
         engine.step()
         tokens_seen += batch.shape[0] * (batch.shape[1] - 1)
-        metrics.append({"step": step + 1, "tokens": tokens_seen, "loss": round(loss.item(), 5),
+        metrics.append({"step": step + 1, "tokens": tokens_seen, "loss": round(mean_loss, 5),
                         "lr": lr, "elapsed_s": round(time.time() - started, 3)})
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{mean_loss:.3f}")
         done = step + 1
         periodic = tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0 and done < steps
-        if rank0 and (periodic or preemption.requested):
+        if rank0 and (periodic or stop):
             save_resume(out, engine.module, optimizer, done, metrics, key)
-        if preemption.requested:
+        if stop:
             log.warning("SIGTERM: saved state at step %d of %d in %s; rerun to resume", done, steps, out / RESUME_DIR)
             raise SystemExit(143)
     preemption.restore()
@@ -389,7 +436,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--meta-json", default="{}", help="what the data is (partitions, units), for the sidecar")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="data-parallel ranks, started through the DeepSpeed launcher (one per GPU)")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by the DeepSpeed launcher
     args = parser.parse_args(argv)
+    if args.processes > 1 and "RANK" not in os.environ:
+        rest = list(sys.argv[1:] if argv is None else argv)
+        keep = [a for i, a in enumerate(rest)
+                if not a.startswith("--processes") and not (i and rest[i - 1] == "--processes")]
+        return launch(args.processes, keep)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
