@@ -4,7 +4,8 @@
 rule analyze:
     """Pearson/Spearman r between seq perplexity and every proxy, per domain (paper Table 2)."""
     input:
-        "results/perplexity.csv",
+        table="results/perplexity.csv",
+        code=package_source("analyze"),
     output:
         scores="results/proxy_scores.csv",
         correlations="results/correlations.csv",
@@ -17,7 +18,7 @@ rule analyze:
         mem_mb=res("light", "mem_mb"),
         runtime=res("light", "runtime"),
     shell:
-        "python -m mergemix.analyze --perplexity {input} --out-dir results > {log} 2>&1"
+        "python -m mergemix.analyze --perplexity {input.table} --out-dir results > {log} 2>&1"
 
 
 rule figures:
@@ -25,6 +26,7 @@ rule figures:
     input:
         scores="results/proxy_scores.csv",
         correlations="results/correlations.csv",
+        code=package_source("plots"),
     output:
         multiext("results/figures/figure3", ".png", ".pdf"),
         multiext("results/figures/correlations", ".png", ".pdf"),

@@ -4,6 +4,7 @@ All logic of substance lives in the `mergemix` package; this file only turns con
 into file paths and command-line flags.
 """
 
+import importlib.util
 import json
 import shlex
 
@@ -28,6 +29,15 @@ HELDOUT_SHARD = "work/tokens/{group}/{name}/heldout"
 def json_flag(obj):
     """A JSON value quoted for the shell (rules pass config sections this way)."""
     return shlex.quote(json.dumps(obj, sort_keys=True))
+
+
+def package_source(module):
+    """The source file of mergemix.<module>, an input of the rules that run it.
+
+    Editing the analysis or plotting code reruns those rules and nothing else. Training
+    code is deliberately not an input, so a refactor never retrains models.
+    """
+    return importlib.util.find_spec(f"mergemix.{module}").origin
 
 
 def res(kind, key):

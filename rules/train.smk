@@ -1,9 +1,16 @@
 # Token shards -> seed checkpoint -> unit, ind and seq checkpoints (DeepSpeed).
 
+# Only the settings a model depends on go into its rule's params (Snakemake reruns a job
+# when its params change): the optimizer and engine for every model, the seed phase for
+# the seed, the continued phase and unit size for the rest. train.checkpoint_every only
+# decides how often resume states are written, so it sits in the shell command instead:
+# changing it retrains nothing.
+ENGINE_KEYS = ("precision", "zero_stage", "betas", "weight_decay", "grad_clip")
 TRAIN_FLAGS = (
     f"--tokenizer work/tokenizer --model-json {json_flag(config['model'])}"
-    f" --train-json {json_flag(config['train'])} --seed {config['random_seed']}"
+    f" --train-json {json_flag({k: config['train'][k] for k in ENGINE_KEYS})} --seed {config['random_seed']}"
 )
+RESUME = f"--checkpoint-every {config['train']['checkpoint_every']}"
 CONTINUED = f"--init work/models/seed --phase-json {json_flag(config['train']['continued'])} --unit-tokens {config['train']['unit_tokens']}"
 EXT_DIR = f"{config['cache_dir']}/torch_extensions"
 SEED_PHASE = {k: v for k, v in config["train"]["seed_phase"].items() if k != "tokens"}
@@ -39,7 +46,7 @@ rule seed:
         ext=EXT_DIR,
     shell:
         "TORCH_EXTENSIONS_DIR={params.ext} python -m mergemix.train --kind seed {params.how} {params.flags}"
-        " --threads {threads} --out work/models/seed > {log} 2>&1"
+        f" {RESUME} --threads {{threads}} --out work/models/seed > {{log}} 2>&1"
 
 
 rule unit:
@@ -68,7 +75,9 @@ rule unit:
     shell:
         "TORCH_EXTENSIONS_DIR={params.ext} python -m mergemix.train --kind unit"
         " --unit work/tokens/{wildcards.source}/{wildcards.partition}/train:{wildcards.unit}"
-        " {params.flags} --meta-json {params.meta} --threads {threads}"
+        " {params.flags} --meta-json {params.meta}"
+        f" {RESUME}"
+        " --threads {threads}"
         " --out work/models/unit/{wildcards.source}/{wildcards.partition}/{wildcards.unit} > {log} 2>&1"
 
 
@@ -100,7 +109,9 @@ rule ind:
         ext=EXT_DIR,
     shell:
         "TORCH_EXTENSIONS_DIR={params.ext} python -m mergemix.train --kind ind {params.units}"
-        " {params.flags} --meta-json {params.meta} --threads {threads}"
+        " {params.flags} --meta-json {params.meta}"
+        f" {RESUME}"
+        " --threads {threads}"
         " --out work/models/ind/{wildcards.partition} > {log} 2>&1"
 
 
@@ -132,5 +143,7 @@ rule seq:
         per_rank=res("seq", "threads"),
     shell:
         "TORCH_EXTENSIONS_DIR={params.ext} python -m mergemix.train --kind seq {params.units}"
-        " {params.flags} --meta-json {params.meta} --threads {params.per_rank} --processes {params.ranks}"
+        " {params.flags} --meta-json {params.meta}"
+        f" {RESUME}"
+        " --threads {params.per_rank} --processes {params.ranks}"
         " --out work/models/seq/{wildcards.mixture} > {log} 2>&1"

@@ -436,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--meta-json", default="{}", help="what the data is (partitions, units), for the sidecar")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--checkpoint-every", type=int,
+                        help="steps between resume states (overrides the train section's checkpoint_every)")
     parser.add_argument("--processes", type=int, default=1,
                         help="data-parallel ranks, started through the DeepSpeed launcher (one per GPU)")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by the DeepSpeed launcher
@@ -454,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         train_section = json.loads(args.train_json)
         fields = ("precision", "zero_stage", "betas", "weight_decay", "grad_clip", "checkpoint_every")
+        if args.checkpoint_every is not None:
+            train_section["checkpoint_every"] = args.checkpoint_every
         tcfg = TrainConfig(**{k: train_section[k] for k in fields if k in train_section})
         train(
             kind=args.kind,
