@@ -3,14 +3,14 @@
 # Only the settings a model depends on go into its rule's params (Snakemake reruns a job
 # when its params change): the optimizer and engine for every model, the seed phase for
 # the seed, the continued phase and unit size for the rest. train.checkpoint_every only
-# decides how often resume states are written, so it sits in the shell command instead:
-# changing it retrains nothing.
+# decides how often resume states are written: the shell commands read it from the config
+# when they run ({config[...]}), so the command text, which Snakemake also watches, stays
+# the same and changing it retrains nothing.
 ENGINE_KEYS = ("precision", "zero_stage", "betas", "weight_decay", "grad_clip")
 TRAIN_FLAGS = (
     f"--tokenizer work/tokenizer --model-json {json_flag(config['model'])}"
     f" --train-json {json_flag({k: config['train'][k] for k in ENGINE_KEYS})} --seed {config['random_seed']}"
 )
-RESUME = f"--checkpoint-every {config['train']['checkpoint_every']}"
 CONTINUED = f"--init work/models/seed --phase-json {json_flag(config['train']['continued'])} --unit-tokens {config['train']['unit_tokens']}"
 EXT_DIR = f"{config['cache_dir']}/torch_extensions"
 SEED_PHASE = {k: v for k, v in config["train"]["seed_phase"].items() if k != "tokens"}
@@ -46,7 +46,7 @@ rule seed:
         ext=EXT_DIR,
     shell:
         "TORCH_EXTENSIONS_DIR={params.ext} python -m mergemix.train --kind seed {params.how} {params.flags}"
-        f" {RESUME} --threads {{threads}} --out work/models/seed > {{log}} 2>&1"
+        " --checkpoint-every {config[train][checkpoint_every]} --threads {threads} --out work/models/seed > {log} 2>&1"
 
 
 rule unit:
@@ -76,7 +76,7 @@ rule unit:
         "TORCH_EXTENSIONS_DIR={params.ext} python -m mergemix.train --kind unit"
         " --unit work/tokens/{wildcards.source}/{wildcards.partition}/train:{wildcards.unit}"
         " {params.flags} --meta-json {params.meta}"
-        f" {RESUME}"
+        " --checkpoint-every {config[train][checkpoint_every]}"
         " --threads {threads}"
         " --out work/models/unit/{wildcards.source}/{wildcards.partition}/{wildcards.unit} > {log} 2>&1"
 
@@ -110,7 +110,7 @@ rule ind:
     shell:
         "TORCH_EXTENSIONS_DIR={params.ext} python -m mergemix.train --kind ind {params.units}"
         " {params.flags} --meta-json {params.meta}"
-        f" {RESUME}"
+        " --checkpoint-every {config[train][checkpoint_every]}"
         " --threads {threads}"
         " --out work/models/ind/{wildcards.partition} > {log} 2>&1"
 
@@ -144,6 +144,6 @@ rule seq:
     shell:
         "TORCH_EXTENSIONS_DIR={params.ext} python -m mergemix.train --kind seq {params.units}"
         " {params.flags} --meta-json {params.meta}"
-        f" {RESUME}"
+        " --checkpoint-every {config[train][checkpoint_every]}"
         " --threads {params.per_rank} --processes {params.ranks}"
         " --out work/models/seq/{wildcards.mixture} > {log} 2>&1"

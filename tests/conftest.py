@@ -58,3 +58,12 @@ def make_checkpoint(path: Path, cfg, seed: int, seed_sha: str = "s" * 64, vocab:
     model = mm.build(cfg, vocab, 0)
     mm.save(model, path, {"kind": "unit", "seed_sha256": seed_sha})
     return model
+
+
+@pytest.fixture(scope="session")
+def tiny_workflow(tmp_path_factory) -> Path:
+    """The tiny study of tests/test_workflow.py, run once to the end (shared, read-only:
+    tests that change it work on a copy)."""
+    from tests.test_workflow import complete_run
+
+    return complete_run(tmp_path_factory.mktemp("workflow"))

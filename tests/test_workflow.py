@@ -69,22 +69,26 @@ def write_data(root, texts_by_module):
     pl.DataFrame({"body": [d for m in MODULES["ood"] for d in texts_by_module[m]]}).write_parquet(data / "ood.parquet")
 
 
-def snakemake(root, *args, timeout=900):
+def snakemake(root, *args, timeout=900, env=None):
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(root),
            "--cores", "2", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def complete_run(root):
+    """Write the tiny study into `root` and run it to the end."""
     from tests.conftest import stdlib_docstrings
 
-    root = tmp_path_factory.mktemp("workflow")
     write_data(root, stdlib_docstrings([m for ms in MODULES.values() for m in ms]))
     (root / "config.yaml").write_text(yaml.safe_dump(tiny_config(root)))
     done = snakemake(root)
     assert done.returncode == 0, done.stderr[-4000:]
     return root
+
+
+@pytest.fixture(scope="module")
+def run(tiny_workflow):
+    return tiny_workflow
 
 
 def test_every_model_domain_pair_is_scored_consistently(run):
