@@ -184,6 +184,32 @@ def test_rerun_plans_nothing(run):
     assert "Nothing to be done" in done.stdout + done.stderr
 
 
+def test_adding_a_partition_plans_only_new_engine_batches(run, tmp_path):
+    """A new source listed last anchors every new mixture: old batches are not planned."""
+    from tests.conftest import stdlib_docstrings
+
+    study = tmp_path / "study"
+    shutil.copytree(run, study, symlinks=True)  # copy2 keeps mtimes, .snakemake keeps params
+    with open(study / "data/more.jsonl", "w") as fh:
+        for doc in stdlib_docstrings(["shutil"])["shutil"]:
+            fh.write(json.dumps({"body": doc}) + "\n")
+    config = yaml.safe_load((study / "config.yaml").read_text())
+    config["sources"]["more"] = {
+        "load": {"path": "json", "data_files": ["data/more.jsonl"], "split": "train"},
+        "text_column": "body", "partition_by": [], "rename": {}, "partitions": {"delta": 1}, "heldout_fraction": 0.15,
+    }
+    (study / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    done = snakemake(study, "-n")
+    assert done.returncode == 0, done.stderr[-4000:]
+    planned = {word.rstrip(",") for line in done.stdout.splitlines() if line.strip().startswith("output:")
+               for word in line.split()[1:]}
+    merged = sorted(f for f in planned if f.startswith("results/ppl/merged/"))
+    assert merged == [f"results/ppl/merged/{m}/delta/0.csv" for m in ("macro", "micro", "weighted")]
+    # No existing unit or seq model retrains.
+    assert not [f for f in planned if f.startswith(("work/models/unit/docs/", "work/models/seq/alpha+beta"))]
+    assert "work/models/seq/alpha+delta/model.safetensors" in planned
+
+
 def test_bad_config_fails_before_any_job(run, tmp_path):
     shutil.copytree(run / "data", tmp_path / "data")
     config = yaml.safe_load((run / "config.yaml").read_text())
