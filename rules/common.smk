@@ -20,6 +20,11 @@ except mmconfig.ConfigError as exc:
 
 PARTITIONS = mmconfig.partitions(config)  # partition -> source
 MIXTURES = mmconfig.mixtures(config)
+SEQ_MIXTURES = mmconfig.seq_mixtures(config, MIXTURES)
+# "ANCHOR/CHUNK" -> mixtures scored by one engine job (see mmconfig.mixture_batches for
+# why batches are keyed by the member listed last: growing the study adds batches
+# instead of changing old ones).
+BATCHES = mmconfig.mixture_batches(config, MIXTURES)
 OOD = list(config["eval"]["ood"])
 SEED_PRETRAINED = config["seed"]["pretrained"]
 TRAIN_SHARD = "work/tokens/{group}/{name}/train"
@@ -155,21 +160,31 @@ def get_merge_inputs(wildcards):
     return files
 
 
-def merge_flags(wildcards):
-    members = mmconfig.mixture_members(wildcards.mixture)
-    flags = [f"--model {p}={d}" for p in members for d in partition_unit_dirs(p)]
-    if wildcards.method == "weighted":
+def model_flags(method, partitions):
+    """--model (and, for weighted merges, --tokens) flags of merge.py and engine.py."""
+    flags = [f"--model {p}={d}" for p in partitions for d in partition_unit_dirs(p)]
+    if method == "weighted":
         flags.extend(
-            [f"--tokens {p}={shard('train', PARTITIONS[p], p)}.json" for p in members]
+            f"--tokens {p}={shard('train', PARTITIONS[p], p)}.json" for p in partitions
         )
     return " ".join(flags)
 
 
+def merge_flags(wildcards):
+    return model_flags(wildcards.method, mmconfig.mixture_members(wildcards.mixture))
+
+
 # --- evaluation -----------------------------------------------------------------------
 
+# Sampling and batching flags shared by evaluate.py and engine.py: the same documents.
+EVAL_FLAGS = (
+    f"--max-docs {config['eval']['max_docs']} --batch-size {config['eval']['batch_size']}"
+    f" --seed {config['random_seed']}"
+)
 
-def eval_domains(partitions):
-    """Domain flags: every OOD set, plus the held-out sets of `partitions`."""
+
+def ood_domains():
+    """Domain flags (NAME:KIND:MAX_TOKENS:PREFIX) of every OOD set."""
     ev = config["eval"]
     out = []
     for name, spec in ev["ood"].items():
@@ -179,9 +194,19 @@ def eval_domains(partitions):
             else shard("heldout", "ood", name)
         )
         out.append(f"{name}:ood:{ev['max_tokens']}:{prefix}")
-    for p in partitions:
-        out.append(f"{p}:id:{ev['max_tokens_id']}:{shard('heldout', PARTITIONS[p], p)}")
     return out
+
+
+# Computed once: at paper scale every evaluation job asks for them.
+OOD_DOMAINS = ood_domains()
+
+
+def eval_domains(partitions):
+    """Domain flags: every OOD set, plus the held-out sets of `partitions`."""
+    cap = config["eval"]["max_tokens_id"]
+    return OOD_DOMAINS + [
+        f"{p}:id:{cap}:{shard('heldout', PARTITIONS[p], p)}" for p in partitions
+    ]
 
 
 def domain_flags(partitions):
@@ -189,9 +214,53 @@ def domain_flags(partitions):
 
 
 def domain_files(partitions):
-    return [
-        f for d in eval_domains(partitions) for f in shard_files(d.split(":", 3)[3])
+    """Each domain's shard sidecar (.json) only: it is written last and holds the sha256
+    of the .bin and .idx, so it changes exactly when they do. One input file per domain
+    instead of three matters at paper scale, where every unit model is scored on every
+    partition's held-out set (128 x 137 domains)."""
+    return [f"{d.split(':', 3)[3]}.json" for d in eval_domains(partitions)]
+
+
+# --- engine batches -------------------------------------------------------------------
+
+
+def batch_mixtures(wildcards):
+    batch = f"{wildcards.anchor}/{wildcards.chunk}"
+    if batch not in BATCHES:
+        raise WorkflowError(
+            f"no engine batch {batch} in this study: batches are {', '.join(BATCHES)}"
+        )
+    return BATCHES[batch]
+
+
+def batch_partitions(wildcards):
+    """Partitions of a batch's mixtures, each once, in order of first appearance."""
+    mixtures = batch_mixtures(wildcards)
+    return list(dict.fromkeys(p for m in mixtures for p in mmconfig.mixture_members(m)))
+
+
+def get_engine_inputs(wildcards):
+    """Unit models of every partition of the batch, token sidecars, evaluation shards."""
+    partitions = batch_partitions(wildcards)
+    files = [
+        f"{d}/model.safetensors" for p in partitions for d in partition_unit_dirs(p)
     ]
+    if wildcards.method == "weighted":
+        files.extend(f"{shard('train', PARTITIONS[p], p)}.json" for p in partitions)
+    return files + domain_files(partitions)
+
+
+def engine_flags(wildcards):
+    """The batch's mixtures, the unit models they need and every domain they are scored on."""
+    partitions = batch_partitions(wildcards)
+    mixtures = batch_mixtures(wildcards)
+    return " ".join(
+        [
+            model_flags(wildcards.method, partitions),
+            " ".join(f"--mixture {m}" for m in mixtures),
+            domain_flags(partitions),
+        ]
+    )
 
 
 def ind_eval_csv(partition):
@@ -204,11 +273,10 @@ def all_ppl_csvs():
     """Every per-model perplexity CSV the analysis reads."""
     out = ["results/ppl/seed/seed.csv"]
     out.extend(ind_eval_csv(p) for p in PARTITIONS)
-    if config["mixtures"]["seq"]:
-        out.extend(f"results/ppl/seq/{m}.csv" for m in MIXTURES)
+    out.extend(f"results/ppl/seq/{m}.csv" for m in SEQ_MIXTURES)
     out.extend(
-        f"results/ppl/merged/{method}/{m}.csv"
+        f"results/ppl/merged/{method}/{batch}.csv"
         for method in config["merge"]["methods"]
-        for m in MIXTURES
+        for batch in BATCHES
     )
     return out

@@ -1,9 +1,5 @@
 # Checkpoints -> perplexity rows per model -> results/perplexity.csv.
 
-EVAL_FLAGS = (
-    f"--max-docs {config['eval']['max_docs']} --batch-size {config['eval']['batch_size']}"
-    f" --seed {config['random_seed']}"
-)
 ALL_PARTITIONS = list(PARTITIONS)
 
 
@@ -115,37 +111,8 @@ rule evaluate_seq:
         " {params.domains} {params.flags} --threads {threads} --out {output} > {log} 2>&1"
 
 
-rule evaluate_merged:
-    """A merged model (temporary checkpoint) on the OOD sets and its partitions' held-out sets."""
-    input:
-        model="work/models/merged/{method}/{mixture}/model.safetensors",
-        config="work/models/merged/{method}/{mixture}/config.json",
-        sidecar="work/models/merged/{method}/{mixture}/mergemix.json",
-        domains=lambda w: domain_files(mmconfig.mixture_members(w.mixture)),
-    output:
-        "results/ppl/merged/{method}/{mixture}.csv",
-    log:
-        "logs/evaluate/merged/{method}/{mixture}.log",
-    benchmark:
-        "results/benchmarks/evaluate/merged/{method}/{mixture}.tsv"
-    conda:
-        "../envs/mergemix.yaml"
-    threads: res("evaluate", "threads")
-    resources:
-        mem_mb=res("evaluate", "mem_mb"),
-        runtime=res("evaluate", "runtime"),
-        gpu=res("evaluate", "gpu"),
-    params:
-        domains=lambda w: domain_flags(mmconfig.mixture_members(w.mixture)),
-        flags=EVAL_FLAGS,
-    shell:
-        "python -m mergemix.evaluate --model work/models/merged/{wildcards.method}/{wildcards.mixture}"
-        " --model-kind merged --model-id {wildcards.method}/{wildcards.mixture} --mixture {wildcards.mixture}"
-        " --method {wildcards.method} {params.domains} {params.flags} --threads {threads} --out {output} > {log} 2>&1"
-
-
 rule collect:
-    """All per-model rows in one tidy table."""
+    """All per-model rows in one tidy table (merged models' rows come in engine batches)."""
     input:
         all_ppl_csvs(),
     output:

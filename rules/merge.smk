@@ -1,14 +1,44 @@
-# Unit checkpoints -> merged checkpoints (temporary: they are scored, then deleted).
+# Unit checkpoints -> merged models' perplexity rows, in batches, without writing a merged
+# checkpoint (the engine); and, on request only, a merged checkpoint folder.
+
+
+rule score_merged:
+    """Average each mixture of a batch in memory and score it: one engine job per batch."""
+    input:
+        get_engine_inputs,
+    output:
+        rows="results/ppl/merged/{method}/{anchor}/{chunk}.csv",
+        timings="results/benchmarks/engine/{method}/{anchor}/{chunk}.csv",
+    log:
+        "logs/engine/{method}/{anchor}/{chunk}.log",
+    benchmark:
+        "results/benchmarks/evaluate/merged/{method}/{anchor}/{chunk}.tsv"
+    conda:
+        "../envs/mergemix.yaml"
+    threads: res("engine", "threads")
+    resources:
+        mem_mb=res("engine", "mem_mb"),
+        runtime=res("engine", "runtime"),
+        gpu=res("engine", "gpu"),
+    params:
+        flags=engine_flags,
+        eval=EVAL_FLAGS,
+    shell:
+        "python -m mergemix.engine --method {wildcards.method} {params.flags} {params.eval}"
+        " --threads {threads} --out {output.rows} --timings {output.timings} > {log} 2>&1"
 
 
 rule merge:
-    """Average a mixture's unit models: micro, macro or token-weighted."""
+    """A mixture's merged checkpoint, written only when asked for by path (e.g. to deploy it).
+
+    The study itself never needs it: `score_merged` scores the same average in memory.
+    """
     input:
         get_merge_inputs,
     output:
-        model=temp("work/models/merged/{method}/{mixture}/model.safetensors"),
-        config=temp("work/models/merged/{method}/{mixture}/config.json"),
-        sidecar=temp("work/models/merged/{method}/{mixture}/mergemix.json"),
+        model="work/models/merged/{method}/{mixture}/model.safetensors",
+        config="work/models/merged/{method}/{mixture}/config.json",
+        sidecar="work/models/merged/{method}/{mixture}/mergemix.json",
     log:
         "logs/merge/{method}/{mixture}.log",
     benchmark:

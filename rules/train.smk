@@ -3,9 +3,10 @@
 # Only the settings a model depends on go into its rule's params (Snakemake reruns a job
 # when its params change): the optimizer and engine for every model, the seed phase for
 # the seed, the continued phase and unit size for the rest. train.checkpoint_every only
-# decides how often resume states are written: the shell commands read it from the config
-# when they run ({config[...]}), so the command text, which Snakemake also watches, stays
-# the same and changing it retrains nothing.
+# decides how often resume states are written, an operational setting like runtime, so
+# it is passed as a resource, which (unlike params and the command text) Snakemake does
+# not watch: changing it retrains nothing.
+CHECKPOINT_EVERY = config["train"]["checkpoint_every"]
 ENGINE_KEYS = ("precision", "zero_stage", "betas", "weight_decay", "grad_clip")
 TRAIN_FLAGS = (
     f"--tokenizer work/tokenizer --model-json {json_flag(config['model'])}"
@@ -35,6 +36,7 @@ rule seed:
         mem_mb=res("seed", "mem_mb"),
         runtime=res("seed", "runtime"),
         gpu=res("seed", "gpu"),
+        checkpoint_every=CHECKPOINT_EVERY,
     params:
         how=(
             f"--pretrained {SEED_PRETRAINED}"
@@ -46,7 +48,7 @@ rule seed:
         ext=EXT_DIR,
     shell:
         "TORCH_EXTENSIONS_DIR={params.ext} python -m mergemix.train --kind seed {params.how} {params.flags}"
-        " --checkpoint-every {config[train][checkpoint_every]} --threads {threads} --out work/models/seed > {log} 2>&1"
+        " --checkpoint-every {resources.checkpoint_every} --threads {threads} --out work/models/seed > {log} 2>&1"
 
 
 rule unit:
@@ -68,6 +70,7 @@ rule unit:
         mem_mb=res("train", "mem_mb"),
         runtime=res("train", "runtime"),
         gpu=res("train", "gpu"),
+        checkpoint_every=CHECKPOINT_EVERY,
     params:
         flags=f"{TRAIN_FLAGS} {CONTINUED}",
         meta=lambda w: json_flag({"partition": w.partition, "unit": int(w.unit)}),
@@ -76,7 +79,7 @@ rule unit:
         "TORCH_EXTENSIONS_DIR={params.ext} python -m mergemix.train --kind unit"
         " --unit work/tokens/{wildcards.source}/{wildcards.partition}/train:{wildcards.unit}"
         " {params.flags} --meta-json {params.meta}"
-        " --checkpoint-every {config[train][checkpoint_every]}"
+        " --checkpoint-every {resources.checkpoint_every}"
         " --threads {threads}"
         " --out work/models/unit/{wildcards.source}/{wildcards.partition}/{wildcards.unit} > {log} 2>&1"
 
@@ -102,6 +105,7 @@ rule ind:
         mem_mb=res("train", "mem_mb"),
         runtime=res("train", "runtime"),
         gpu=res("train", "gpu"),
+        checkpoint_every=CHECKPOINT_EVERY,
     params:
         units=lambda w: " ".join(f"--unit {u}" for u in partition_units(w.partition)),
         flags=f"{TRAIN_FLAGS} {CONTINUED}",
@@ -110,7 +114,7 @@ rule ind:
     shell:
         "TORCH_EXTENSIONS_DIR={params.ext} python -m mergemix.train --kind ind {params.units}"
         " {params.flags} --meta-json {params.meta}"
-        " --checkpoint-every {config[train][checkpoint_every]}"
+        " --checkpoint-every {resources.checkpoint_every}"
         " --threads {threads}"
         " --out work/models/ind/{wildcards.partition} > {log} 2>&1"
 
@@ -134,6 +138,7 @@ rule seq:
         mem_mb=res("seq", "mem_mb") * ranks("seq"),
         runtime=res("seq", "runtime"),
         gpu=res("seq", "gpu"),
+        checkpoint_every=CHECKPOINT_EVERY,
     params:
         units=seq_unit_flags,
         flags=f"{TRAIN_FLAGS} {CONTINUED}",
@@ -144,6 +149,6 @@ rule seq:
     shell:
         "TORCH_EXTENSIONS_DIR={params.ext} python -m mergemix.train --kind seq {params.units}"
         " {params.flags} --meta-json {params.meta}"
-        " --checkpoint-every {config[train][checkpoint_every]}"
+        " --checkpoint-every {resources.checkpoint_every}"
         " --threads {params.per_rank} --processes {params.ranks}"
         " --out work/models/seq/{wildcards.mixture} > {log} 2>&1"

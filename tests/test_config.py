@@ -56,3 +56,70 @@ def test_mixture_sample_is_seeded_and_include_is_added(shipped):
     n = len(mc.partitions(cfg))
     assert len(everything) == n * (n - 1) // 2 + 1
     assert everything[-1] == "1830s+1850s+1990s"
+
+
+def study(n_partitions: int, k: int = 2, per_job: int = 5, **mixtures) -> dict:
+    """A config of `n_partitions` one-unit partitions studying every k-subset."""
+    cfg = mc.load(str(REPO / "config.yaml"))
+    cfg["sources"]["sotu"]["partitions"] = {f"p{i:02d}": 1 for i in range(n_partitions)}
+    cfg["mixtures"].update({"k": k, "sample": None, "include": [], **mixtures})
+    cfg["merge"]["mixtures_per_job"] = per_job
+    return cfg
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_batches_cover_every_mixture_once_and_are_bounded(k):
+    cfg = study(9, k=k, per_job=4)
+    batches = mc.mixture_batches(cfg)
+    flat = [m for ms in batches.values() for m in ms]
+    assert sorted(flat) == sorted(mc.mixtures(cfg))
+    order = list(mc.partitions(cfg))
+    for batch, mixtures in batches.items():
+        anchor, chunk = batch.split("/")
+        assert 1 <= len(mixtures) <= 4 and chunk.isdigit()
+        for m in mixtures:
+            assert max(mc.mixture_members(m), key=order.index) == anchor
+        members = {p for m in mixtures for p in mc.mixture_members(m)}
+        assert len(members) <= 1 + (k - 1) * 4
+
+
+def test_appending_a_partition_only_adds_batches():
+    """The batching key keeps old batches' mixtures, hence their inputs and params."""
+    before = mc.mixture_batches(study(12))
+    grown = study(12)
+    grown["sources"]["sotu"]["partitions"]["zz-new"] = 1
+    after = mc.mixture_batches(grown)
+    assert {b: after[b] for b in before} == before
+    added = set(after) - set(before)
+    assert added and all(b.startswith("zz-new/") for b in added)
+    assert sum(len(after[b]) for b in added) == 12  # every new pair contains the new partition
+
+
+def test_inserting_a_partition_spares_earlier_anchors():
+    before = mc.mixture_batches(study(12))
+    grown = study(12)
+    parts = grown["sources"]["sotu"]["partitions"]
+    grown["sources"]["sotu"]["partitions"] = {**{p: 1 for p in list(parts)[:6]}, "mid": 1,
+                                              **{p: 1 for p in list(parts)[6:]}}
+    after = mc.mixture_batches(grown)
+    for batch, mixtures in before.items():
+        if int(batch.split("/")[0][1:]) < 6:
+            assert after[batch] == mixtures
+
+
+def test_seq_sample_is_seeded_stable_and_keeps_include():
+    assert mc.seq_mixtures(study(10, seq=False)) == []
+    assert mc.seq_mixtures(study(10, seq_sample=None)) == mc.mixtures(study(10))
+    cfg = study(10, seq_sample=7, include=[["p01", "p02", "p03"]])
+    chosen = mc.seq_mixtures(cfg)
+    assert len(chosen) == 8 and "p01+p02+p03" in chosen
+    assert chosen == mc.seq_mixtures(copy.deepcopy(cfg))
+    cfg["random_seed"] = 5
+    assert mc.seq_mixtures(cfg) != chosen
+    # Growing the study keeps the sample's size and drops old mixtures only for new ones.
+    small = study(10, seq_sample=7)
+    grown = study(10, seq_sample=7)
+    grown["sources"]["sotu"]["partitions"]["p99"] = 1
+    old, new = mc.seq_mixtures(small), mc.seq_mixtures(grown)
+    assert len(new) == 7
+    assert {m for m in new if "p99" not in m} <= set(old)

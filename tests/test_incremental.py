@@ -94,11 +94,11 @@ def test_new_partition_trains_only_itself_and_its_mixtures(study):
     assert planned_models(jobs) == new
     rules = {rule for rule, _ in jobs}
     assert "tokenizer" not in rules and "seed" not in rules
-    # merges, and evaluations of seq and merged models: only of mixtures holding the new
-    # partition. Existing seed, unit and ind models are scored on its held-out set too (a
+    # seq models' evaluations and merged-model scoring batches: only of mixtures holding
+    # the new partition (their batch is keyed by the member listed last in `sources`). Existing seed, unit and ind models are scored on its held-out set too (a
     # new mixture's mean_ind proxy needs them there); none of them retrains.
     for rule, out in jobs:
-        if rule.startswith("merge") or rule in ("evaluate_seq", "evaluate_merged"):
+        if rule in ("score_merged", "evaluate_seq"):
             assert "delta" in out, (rule, out)
     assert {"collect", "analyze"} <= rules
 
@@ -118,7 +118,8 @@ def test_new_ood_set_runs_evaluations_and_analysis_only(study):
     jobs = plan(study)
     assert planned_models(jobs) == set()
     for rule, out in jobs:
-        assert rule.startswith(("evaluate", "merge")) or rule in ("partition", "shards_ood", "collect", "analyze", "figures"), rule
+        assert rule.startswith("evaluate") or rule in ("score_merged", "partition", "shards_ood", "collect", "analyze",
+                                                       "figures"), rule
         if rule in ("partition", "shards_ood"):
             assert "moredocs" in out, out
 

@@ -116,7 +116,7 @@ def test_every_model_domain_pair_is_scored_consistently(run):
         assert row["ppl"] < seed[row["domain"]], row
 
 
-def test_merges_are_distinct_and_temporary(run):
+def test_merges_are_distinct_and_never_written(run):
     table = pl.read_csv(run / "results/perplexity.csv", schema_overrides={"method": pl.Utf8})
     merged = table.filter((pl.col("model_kind") == "merged") & (pl.col("mixture") == "alpha+gamma"))
     by_method = dict(merged.filter(pl.col("domain") == "netdocs").select("method", "nll_sum").iter_rows())
@@ -126,10 +126,45 @@ def test_merges_are_distinct_and_temporary(run):
     ab = table.filter((pl.col("model_kind") == "merged") & (pl.col("mixture") == "alpha+beta") & (pl.col("domain") == "netdocs"))
     ab = dict(ab.select("method", "nll_sum").iter_rows())
     assert ab["micro"] == pytest.approx(ab["macro"], rel=1e-9)
-    assert not (run / "work/models/merged").exists() or not any((run / "work/models/merged").rglob("*.safetensors"))
+    # The engine scored every average in memory: no merged checkpoint was ever written.
+    assert not (run / "work/models/merged").exists()
+    # Merged rows come in engine batches keyed by the mixture's member listed last.
+    for method in ("micro", "macro", "weighted"):
+        batches = sorted(p.relative_to(run / "results/ppl/merged" / method).as_posix()
+                         for p in (run / "results/ppl/merged" / method).rglob("*.csv"))
+        assert batches == ["beta/0.csv", "gamma/0.csv"]
+        timings = pl.read_csv(run / f"results/benchmarks/engine/{method}/gamma/0.csv")
+        assert sorted(timings["mixture"]) == ["alpha+gamma", "beta+gamma"]
     for kind in ("unit/docs/gamma/1", "ind/gamma", "seq/alpha+beta", "seed"):
         side = json.loads((run / "work/models" / kind / "mergemix.json").read_text())
         assert side["seed_sha256"] == json.loads((run / "work/models/seed/mergemix.json").read_text())["weights_sha256"]
+
+
+def test_engine_rows_equal_the_file_based_merge_and_evaluation(run):
+    """The workflow's `merge` rule writes the checkpoint on request; evaluate.py scores it."""
+    target = "work/models/merged/macro/alpha+gamma"
+    try:
+        done = snakemake(run, f"{target}/model.safetensors")
+        assert done.returncode == 0, done.stderr[-4000:]
+        domains = ["netdocs:ood:3000:work/tokens/ood/netdocs/heldout", "seedheld:ood:3000:work/tokens/seed/seed/heldout",
+                   "alpha:id:1500:work/tokens/docs/alpha/heldout", "gamma:id:1500:work/tokens/docs/gamma/heldout"]
+        cmd = [sys.executable, "-m", "mergemix.evaluate", "--model", target, "--model-kind", "merged",
+               "--model-id", "macro/alpha+gamma", "--mixture", "alpha+gamma", "--method", "macro",
+               *[f for d in domains for f in ("--domain", d)], "--max-docs", "40", "--batch-size", "8", "--seed", "0",
+               "--out", "file-based.csv"]
+        done = subprocess.run(cmd, cwd=run, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-4000:]
+        reference = pl.read_csv(run / "file-based.csv", schema_overrides={"method": pl.Utf8})
+    finally:
+        shutil.rmtree(run / "work/models/merged", ignore_errors=True)
+        (run / "file-based.csv").unlink(missing_ok=True)
+    table = pl.read_csv(run / "results/perplexity.csv", schema_overrides={"method": pl.Utf8})
+    engine = table.filter(pl.col("model_id") == "macro/alpha+gamma").sort("domain")
+    reference = reference.sort("domain")
+    assert engine.select("domain", "n_docs", "n_tokens", "n_bytes").equals(
+        reference.select("domain", "n_docs", "n_tokens", "n_bytes"))
+    for mine, ref in zip(engine.iter_rows(named=True), reference.iter_rows(named=True)):
+        assert mine["nll_sum"] == pytest.approx(ref["nll_sum"], rel=1e-6), ref["domain"]
 
 
 def test_analysis_outputs_have_every_domain_and_proxy(run):
@@ -143,7 +178,7 @@ def test_analysis_outputs_have_every_domain_and_proxy(run):
     for ext in ("png", "pdf"):
         data = (run / f"results/figures/figure3.{ext}").read_bytes()
         assert data[:4] in (b"\x89PNG", b"%PDF")
-    for bench in ("train/seed.tsv", "evaluate/seq/alpha+beta.tsv"):
+    for bench in ("train/seed.tsv", "evaluate/seq/alpha+beta.tsv", "evaluate/merged/micro/gamma/0.tsv"):
         assert (run / "results/benchmarks" / bench).stat().st_size > 0
 
 
@@ -151,6 +186,32 @@ def test_rerun_plans_nothing(run):
     done = snakemake(run, "-n")
     assert done.returncode == 0
     assert "Nothing to be done" in done.stdout + done.stderr
+
+
+def test_adding_a_partition_plans_only_new_engine_batches(run, tmp_path):
+    """A new source listed last anchors every new mixture: old batches are not planned."""
+    from tests.conftest import stdlib_docstrings
+
+    study = tmp_path / "study"
+    shutil.copytree(run, study, symlinks=True)  # copy2 keeps mtimes, .snakemake keeps params
+    with open(study / "data/more.jsonl", "w") as fh:
+        for doc in stdlib_docstrings(["shutil"])["shutil"]:
+            fh.write(json.dumps({"body": doc}) + "\n")
+    config = yaml.safe_load((study / "config.yaml").read_text())
+    config["sources"]["more"] = {
+        "load": {"path": "json", "data_files": ["data/more.jsonl"], "split": "train"},
+        "text_column": "body", "partition_by": [], "rename": {}, "partitions": {"delta": 1}, "heldout_fraction": 0.15,
+    }
+    (study / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    done = snakemake(study, "-n")
+    assert done.returncode == 0, done.stderr[-4000:]
+    planned = {word.rstrip(",") for line in done.stdout.splitlines() if line.strip().startswith("output:")
+               for word in line.split()[1:]}
+    merged = sorted(f for f in planned if f.startswith("results/ppl/merged/"))
+    assert merged == [f"results/ppl/merged/{m}/delta/0.csv" for m in ("macro", "micro", "weighted")]
+    # No existing unit or seq model retrains.
+    assert not [f for f in planned if f.startswith(("work/models/unit/docs/", "work/models/seq/alpha+beta"))]
+    assert "work/models/seq/alpha+delta/model.safetensors" in planned
 
 
 def test_bad_config_fails_before_any_job(run, tmp_path):

@@ -8,6 +8,7 @@ Every failure is one `ConfigError` line that names the key and the offending val
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import random
 from dataclasses import dataclass
@@ -126,8 +127,16 @@ def partitions(config: dict[str, Any]) -> dict[str, str]:
 
 
 def units(config: dict[str, Any], partition: str) -> int:
-    """Number of base units of a partition."""
-    return config["sources"][partitions(config)[partition]]["partitions"][partition]
+    """Number of base units of a partition.
+
+    Looks through the sources instead of building `partitions(config)`: the workflow asks
+    once per job, and at 128 partitions and thousands of jobs that rebuild was a
+    measurable share of planning time.
+    """
+    for spec in config["sources"].values():
+        if partition in spec["partitions"]:
+            return spec["partitions"][partition]
+    raise KeyError(partition)
 
 
 def mixture_id(members: list[str] | tuple[str, ...]) -> str:
@@ -154,6 +163,65 @@ def mixtures(config: dict[str, Any]) -> list[str]:
     for members in spec["include"]:
         chosen[mixture_id(members)] = None
     return list(chosen)
+
+
+def _draw(seed: int, mixture: str) -> int:
+    """A mixture's seeded draw: depends on its own id and the seed only."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{mixture}".encode(), digest_size=8).digest(), "big")
+
+
+def seq_mixtures(config: dict[str, Any], studied: list[str] | None = None) -> list[str]:
+    """The studied mixtures that get a seq model (the ground truth), in study order.
+
+    None when `mixtures.seq` is false; all when `mixtures.seq_sample` is null; otherwise
+    the `seq_sample` mixtures with the smallest seeded hash of their id, plus every
+    mixture under `include`. Ranking by a per-mixture hash (not random.sample over the
+    list) keeps the sample uniform as the study grows while replacing only the members
+    a new mixture outranks, so adding a partition plans few new seq models.
+    """
+    spec = config["mixtures"]
+    studied = mixtures(config) if studied is None else studied
+    if not spec["seq"]:
+        return []
+    if spec["seq_sample"] is None or spec["seq_sample"] >= len(studied):
+        return list(studied)
+    ranked = sorted(studied, key=lambda m: (_draw(config["random_seed"], m), m))
+    chosen = set(ranked[: spec["seq_sample"]]) | {mixture_id(m) for m in spec["include"]}
+    return [m for m in studied if m in chosen]
+
+
+def mixture_batches(config: dict[str, Any], studied: list[str] | None = None) -> dict[str, list[str]]:
+    """Studied mixtures grouped into engine jobs: batch id "ANCHOR/CHUNK" -> mixture ids.
+
+    Snakemake reruns a job whose inputs or parameters changed, so a batch must keep its
+    mixtures when the study grows. The key is the mixture's *anchor*, its member listed
+    last in the config (sources in order, then partitions in order):
+    - adding a partition never changes an existing mixture's anchor (the old partitions
+      keep their relative order), and
+    - a partition appended at the end anchors every new mixture (each contains it and it
+      is the latest), so only new batches are planned; old ones keep inputs and outputs.
+    (A partition inserted mid-list also spares the anchors before it; the batches of
+    later anchors gain its mixtures and rerun.) A stable hash into N buckets would not do:
+    new mixtures would land in nearly every bucket and rerun them all.
+    An anchor's mixtures, in config order of their members, are cut into chunks of
+    `merge.mixtures_per_job`; a chunk holds at most 1 + (k - 1) x mixtures_per_job
+    partitions' unit models, which bounds one job's memory.
+    """
+    studied = mixtures(config) if studied is None else studied
+    rank = {p: i for i, p in enumerate(partitions(config))}
+    by_anchor: dict[str, list[tuple[list[int], str]]] = {}
+    for mixture in studied:
+        members = mixture_members(mixture)
+        anchor = max(members, key=rank.__getitem__)
+        # Within an anchor, order by the members' config positions, latest first.
+        by_anchor.setdefault(anchor, []).append((sorted((rank[p] for p in members), reverse=True), mixture))
+    size = config["merge"]["mixtures_per_job"]
+    batches: dict[str, list[str]] = {}
+    for anchor in sorted(by_anchor, key=rank.__getitem__):
+        ordered = [m for _, m in sorted(by_anchor[anchor])]
+        for chunk, start in enumerate(range(0, len(ordered), size)):
+            batches[f"{anchor}/{chunk}"] = ordered[start : start + size]
+    return batches
 
 
 # --- typed sections used by the training code ----------------------------------------

@@ -120,32 +120,68 @@ def domain_seed(seed: int, name: str) -> int:
     return seed ^ zlib.crc32(name.encode("utf-8"))
 
 
+@dataclass(frozen=True)
+class PreparedDomain:
+    """A domain's sampled documents cut into scoring windows: built once, scored by any model."""
+
+    domain: Domain
+    windows: list[tuple[np.ndarray, np.ndarray]]
+    n_docs: int
+    n_tokens: int
+    n_bytes: int
+
+
+def prepare_domain(domain: Domain, context: int, vocab: int, max_docs: int, seed: int) -> PreparedDomain:
+    """Sample a domain's documents and cut them into windows of `context` tokens.
+
+    The result depends only on the shard, the caps, the seed and the context length, so
+    every model (and the merge engine, which scores many models on one preparation) sees
+    exactly the same documents and windows.
+    """
+    try:
+        tokens, index, meta = open_tokens(domain.prefix)
+    except FileNotFoundError as exc:
+        raise EvalError(f"evaluation shard {domain.prefix}.bin/.idx/.json of domain '{domain.name}' is missing") from exc
+    if len(index) == 0:
+        raise EvalError(f"domain '{domain.name}' ({domain.prefix}) has no documents")
+    if meta["vocab_size"] > vocab:
+        raise EvalError(
+            f"domain '{domain.name}' was tokenized with {meta['vocab_size']} tokens but the model has {vocab} embedding rows"
+        )
+    docs = sample_documents(index, tokens.size, max_docs, domain.max_tokens, domain_seed(seed, domain.name))
+    windows = [w for start, stop, _ in docs for w in document_windows(tokens[start:stop], meta["eos_id"], context)]
+    return PreparedDomain(
+        domain=domain,
+        windows=windows,
+        n_docs=len(docs),
+        n_tokens=sum(stop - start for start, stop, _ in docs),
+        n_bytes=sum(b for _, _, b in docs),
+    )
+
+
+def domain_row(prepared: PreparedDomain, nll: float) -> dict:
+    """The row of one model on one prepared domain, given the summed NLL of its windows."""
+    row = {
+        "domain": prepared.domain.name, "domain_kind": prepared.domain.kind, "n_docs": prepared.n_docs,
+        "n_tokens": prepared.n_tokens, "n_bytes": prepared.n_bytes, "nll_sum": nll,
+        "ppl": math.exp(nll / prepared.n_tokens), "bpb": nll / math.log(2) / prepared.n_bytes,
+    }
+    log.info("%s: %d docs, %d tokens, ppl %.3f, bpb %.4f", row["domain"], row["n_docs"], row["n_tokens"], row["ppl"], row["bpb"])
+    return row
+
+
+def model_shape(model: torch.nn.Module) -> tuple[int, int]:
+    """(context length, embedding rows): what windows and token ids must fit."""
+    return model.config.max_position_embeddings, model.get_input_embeddings().weight.shape[0]
+
+
 def evaluate(model: torch.nn.Module, domains: list[Domain], max_docs: int, batch_size: int, seed: int) -> list[dict]:
     """One row per domain with n_docs, n_tokens, n_bytes, nll_sum, ppl, bpb."""
-    context = model.config.max_position_embeddings
-    vocab = model.get_input_embeddings().weight.shape[0]
+    context, vocab = model_shape(model)
     rows = []
     for domain in domains:
-        try:
-            tokens, index, meta = open_tokens(domain.prefix)
-        except FileNotFoundError as exc:
-            raise EvalError(f"evaluation shard {domain.prefix}.bin/.idx/.json of domain '{domain.name}' is missing") from exc
-        if len(index) == 0:
-            raise EvalError(f"domain '{domain.name}' ({domain.prefix}) has no documents")
-        if meta["vocab_size"] > vocab:
-            raise EvalError(
-                f"domain '{domain.name}' was tokenized with {meta['vocab_size']} tokens but the model has {vocab} embedding rows"
-            )
-        docs = sample_documents(index, tokens.size, max_docs, domain.max_tokens, domain_seed(seed, domain.name))
-        windows = [w for start, stop, _ in docs for w in document_windows(tokens[start:stop], meta["eos_id"], context)]
-        nll = score_windows(model, windows, batch_size, context)
-        n_tokens = sum(stop - start for start, stop, _ in docs)
-        n_bytes = sum(b for _, _, b in docs)
-        rows.append({
-            "domain": domain.name, "domain_kind": domain.kind, "n_docs": len(docs), "n_tokens": n_tokens,
-            "n_bytes": n_bytes, "nll_sum": nll, "ppl": math.exp(nll / n_tokens), "bpb": nll / math.log(2) / n_bytes,
-        })
-        log.info("%s: %d docs, %d tokens, ppl %.3f, bpb %.4f", domain.name, len(docs), n_tokens, rows[-1]["ppl"], rows[-1]["bpb"])
+        prepared = prepare_domain(domain, context, vocab, max_docs, seed)
+        rows.append(domain_row(prepared, score_windows(model, prepared.windows, batch_size, context)))
     return rows
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -60,6 +61,13 @@ def _architecture(path: Path) -> dict:
     return {k: v for k, v in config.items() if k not in _NON_ARCH_KEYS}
 
 
+def require_weights(paths: list[Path]) -> None:
+    """Refuse checkpoint folders that hold no weights yet."""
+    missing = [p for p in paths if not (p / mm.WEIGHTS).is_file()]
+    if missing:
+        raise MergeError(f"checkpoint {missing[0]} has no {mm.WEIGHTS}: train it first")
+
+
 def check_compatible(paths: list[Path]) -> dict:
     """Refuse checkpoints of different seeds, architectures, tensor names or shapes."""
     from safetensors import safe_open
@@ -94,32 +102,40 @@ def check_compatible(paths: list[Path]) -> dict:
     return {"seed_sha256": seed, "config": io.read_json(first / "config.json")}
 
 
+def weighted_sum(terms: Iterable[tuple[torch.Tensor, float]]) -> torch.Tensor:
+    """Sum of weight x tensor, accumulated in float32, returned in the inputs' dtype.
+
+    The one place the averaging arithmetic lives: the file-based merge and the in-memory
+    engine both call it with terms in the same order, so they produce the same bits.
+    Inputs are never modified (the first product is a new tensor).
+    """
+    acc: torch.Tensor | None = None
+    dtype = None
+    for tensor, weight in terms:
+        dtype = tensor.dtype
+        term = tensor.to(torch.float32) * weight
+        acc = term if acc is None else acc.add_(term)
+    assert acc is not None, "weighted_sum of no tensors"
+    return acc.to(dtype)
+
+
 def average(weights: dict[Path, float]) -> dict[str, torch.Tensor]:
     """Weighted average, streamed: one tensor of one input is in memory at a time."""
     from safetensors import safe_open
 
     paths = list(weights)
     handles = [safe_open(p / mm.WEIGHTS, framework="pt") for p in paths]
-    out: dict[str, torch.Tensor] = {}
-    for name in handles[0].keys():
-        acc: torch.Tensor | None = None
-        dtype = None
-        for path, handle in zip(paths, handles):
-            tensor = handle.get_tensor(name)
-            dtype = tensor.dtype
-            term = tensor.to(torch.float32) * weights[path]
-            acc = term if acc is None else acc.add_(term)
-        out[name] = acc.to(dtype)
-    return out
+    return {
+        name: weighted_sum((handle.get_tensor(name), weights[path]) for path, handle in zip(paths, handles))
+        for name in handles[0].keys()
+    }
 
 
 def merge(method: str, groups: dict[str, list[Path]], out: Path, tokens: dict[str, int] | None = None) -> dict:
     """Merge a mixture's checkpoints into a new checkpoint folder at `out`."""
 
     by_name = {str(p): p for members in groups.values() for p in members}
-    missing = [p for p in by_name.values() if not (p / mm.WEIGHTS).is_file()]
-    if missing:
-        raise MergeError(f"checkpoint {missing[0]} has no {mm.WEIGHTS}: train it first")
+    require_weights(list(by_name.values()))
     info = check_compatible(list(by_name.values()))
     weights = merge_weights(method, {p: [str(m) for m in ms] for p, ms in groups.items()}, tokens)
     state = average({by_name[k]: w for k, w in weights.items()})
@@ -140,7 +156,7 @@ def merge(method: str, groups: dict[str, list[Path]], out: Path, tokens: dict[st
     return sidecar
 
 
-def _pairs(items: list[str], flag: str) -> list[tuple[str, str]]:
+def parse_pairs(items: list[str], flag: str) -> list[tuple[str, str]]:
     out = []
     for item in items:
         key, sep, value = item.partition("=")
@@ -150,7 +166,7 @@ def _pairs(items: list[str], flag: str) -> list[tuple[str, str]]:
     return out
 
 
-def _token_count(value: str) -> int:
+def token_count(value: str) -> int:
     """An integer, or a token shard sidecar (train.json) whose n_tokens is read."""
     if value.isdigit():
         return int(value)
@@ -170,9 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         groups: dict[str, list[Path]] = {}
-        for partition, path in _pairs(args.model, "--model"):
+        for partition, path in parse_pairs(args.model, "--model"):
             groups.setdefault(partition, []).append(Path(path))
-        tokens = {p: _token_count(n) for p, n in _pairs(args.tokens, "--tokens")}
+        tokens = {p: token_count(n) for p, n in parse_pairs(args.tokens, "--tokens")}
         sidecar = merge(args.method, groups, args.out, tokens)
         log.info("merged %d checkpoints (%s) into %s", len(sidecar["weights"]), args.method, args.out)
     except (MergeError, mm.CheckpointError) as exc:

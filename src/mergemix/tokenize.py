@@ -12,6 +12,7 @@ so no document straddles the two splits.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import random
 import sys
@@ -144,10 +145,16 @@ def write_shard(tok, texts: list[str], out_prefix: Path, meta: dict) -> dict:
     dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32
     flat = np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=dtype, count=int(lengths.sum()))
     index = np.stack([starts, n_bytes], axis=1).astype(np.int64) if len(ids) else np.zeros((0, 2), np.int64)
-    io.write_bytes(out_prefix.with_suffix(".bin"), flat.tobytes())
-    io.write_bytes(out_prefix.with_suffix(".idx"), index.tobytes())
+    data, rows = flat.tobytes(), index.tobytes()
+    io.write_bytes(out_prefix.with_suffix(".bin"), data)
+    io.write_bytes(out_prefix.with_suffix(".idx"), rows)
+    # The sidecar is written last and carries the hashes of the other two files, so it
+    # changes exactly when they do: a rule may depend on it alone (evaluation jobs do,
+    # which keeps a paper-scale DAG at one file per domain instead of three).
     sidecar = {
         **meta,
+        "bin_sha256": hashlib.sha256(data).hexdigest(),
+        "idx_sha256": hashlib.sha256(rows).hexdigest(),
         "dtype": np.dtype(dtype).name,
         "n_tokens": int(flat.size),
         "n_docs": len(texts),
