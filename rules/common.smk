@@ -34,6 +34,15 @@ def res(kind, key):
     return config["resources"][kind][key]
 
 
+def cpus_per_task(wildcards, threads):
+    """CPUs a cluster job asks for: the rule's threads after --cores/--max-threads caps.
+
+    Declared as a resource so that a profile's default `cpus_per_task` (meant for rules
+    without threads) never overrides a rule's threads on Slurm.
+    """
+    return threads
+
+
 # --- corpus ---------------------------------------------------------------------------
 
 

@@ -25,6 +25,7 @@ rule evaluate_seed:
         mem_mb=res("evaluate", "mem_mb"),
         runtime=res("evaluate", "runtime"),
         gpu=res("evaluate", "gpu"),
+        cpus_per_task=cpus_per_task,
     params:
         domains=domain_flags(ALL_PARTITIONS),
         flags=EVAL_FLAGS,
@@ -51,6 +52,7 @@ rule evaluate_unit:
         mem_mb=res("evaluate", "mem_mb"),
         runtime=res("evaluate", "runtime"),
         gpu=res("evaluate", "gpu"),
+        cpus_per_task=cpus_per_task,
     params:
         model=lambda w: unit_dir(w.partition, w.unit),
         domains=domain_flags(ALL_PARTITIONS),
@@ -79,6 +81,7 @@ rule evaluate_ind:
         mem_mb=res("evaluate", "mem_mb"),
         runtime=res("evaluate", "runtime"),
         gpu=res("evaluate", "gpu"),
+        cpus_per_task=cpus_per_task,
     params:
         domains=domain_flags(ALL_PARTITIONS),
         flags=EVAL_FLAGS,
@@ -106,6 +109,7 @@ rule evaluate_seq:
         mem_mb=res("evaluate", "mem_mb"),
         runtime=res("evaluate", "runtime"),
         gpu=res("evaluate", "gpu"),
+        cpus_per_task=cpus_per_task,
     params:
         domains=lambda w: domain_flags(mmconfig.mixture_members(w.mixture)),
         flags=EVAL_FLAGS,
@@ -135,6 +139,7 @@ rule evaluate_merged:
         mem_mb=res("evaluate", "mem_mb"),
         runtime=res("evaluate", "runtime"),
         gpu=res("evaluate", "gpu"),
+        cpus_per_task=cpus_per_task,
     params:
         domains=lambda w: domain_flags(mmconfig.mixture_members(w.mixture)),
         flags=EVAL_FLAGS,

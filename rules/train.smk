@@ -28,6 +28,7 @@ rule seed:
         mem_mb=res("seed", "mem_mb"),
         runtime=res("seed", "runtime"),
         gpu=res("seed", "gpu"),
+        cpus_per_task=cpus_per_task,
     params:
         how=(
             f"--pretrained {SEED_PRETRAINED}"
@@ -61,6 +62,7 @@ rule unit:
         mem_mb=res("train", "mem_mb"),
         runtime=res("train", "runtime"),
         gpu=res("train", "gpu"),
+        cpus_per_task=cpus_per_task,
     params:
         flags=f"{TRAIN_FLAGS} {CONTINUED}",
         meta=lambda w: json_flag({"partition": w.partition, "unit": int(w.unit)}),
@@ -93,6 +95,7 @@ rule ind:
         mem_mb=res("train", "mem_mb"),
         runtime=res("train", "runtime"),
         gpu=res("train", "gpu"),
+        cpus_per_task=cpus_per_task,
     params:
         units=lambda w: " ".join(f"--unit {u}" for u in partition_units(w.partition)),
         flags=f"{TRAIN_FLAGS} {CONTINUED}",
@@ -123,6 +126,7 @@ rule seq:
         mem_mb=res("train", "mem_mb"),
         runtime=res("train", "runtime"),
         gpu=res("train", "gpu"),
+        cpus_per_task=cpus_per_task,
     params:
         units=seq_unit_flags,
         flags=f"{TRAIN_FLAGS} {CONTINUED}",
