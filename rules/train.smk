@@ -37,6 +37,7 @@ rule seed:
         runtime=res("seed", "runtime"),
         gpu=res("seed", "gpu"),
         checkpoint_every=CHECKPOINT_EVERY,
+        cpus_per_task=cpus_per_task,
     params:
         how=(
             f"--pretrained {SEED_PRETRAINED}"
@@ -71,6 +72,7 @@ rule unit:
         runtime=res("train", "runtime"),
         gpu=res("train", "gpu"),
         checkpoint_every=CHECKPOINT_EVERY,
+        cpus_per_task=cpus_per_task,
     params:
         flags=f"{TRAIN_FLAGS} {CONTINUED}",
         meta=lambda w: json_flag({"partition": w.partition, "unit": int(w.unit)}),
@@ -106,6 +108,7 @@ rule ind:
         runtime=res("train", "runtime"),
         gpu=res("train", "gpu"),
         checkpoint_every=CHECKPOINT_EVERY,
+        cpus_per_task=cpus_per_task,
     params:
         units=lambda w: " ".join(f"--unit {u}" for u in partition_units(w.partition)),
         flags=f"{TRAIN_FLAGS} {CONTINUED}",
@@ -139,6 +142,7 @@ rule seq:
         runtime=res("seq", "runtime"),
         gpu=res("seq", "gpu"),
         checkpoint_every=CHECKPOINT_EVERY,
+        cpus_per_task=cpus_per_task,
     params:
         units=seq_unit_flags,
         flags=f"{TRAIN_FLAGS} {CONTINUED}",
