@@ -2,14 +2,16 @@
 
 
 rule analyze:
-    """Pearson/Spearman r between seq perplexity and every proxy, per domain (paper Table 2)."""
+    """How well every proxy tracks seq perplexity, per domain (paper Tables 2, 3 and 4)."""
     input:
         table="results/perplexity.csv",
         code=package_source("analyze"),
     output:
         scores="results/proxy_scores.csv",
         correlations="results/correlations.csv",
-        table=multiext("results/tables/table2", ".md", ".csv", ".tex"),
+        table2=multiext("results/tables/table2", ".md", ".csv", ".tex"),
+        table3=multiext("results/tables/table3", ".md", ".csv", ".tex"),
+        table4=multiext("results/tables/table4", ".md", ".csv", ".tex"),
     log:
         "logs/analyze.log",
     conda:
