@@ -13,7 +13,9 @@
 #   results/ppl/merged/{method}/{anchor}/{chunk}.csv  rows of a batch of merged models, scored
 #                                                 in memory by one engine job (no checkpoint)
 #   results/perplexity.csv                        all rows, one tidy table
-#   results/{correlations,proxy_scores}.csv, results/tables/, results/figures/
+#   results/{correlations,proxy_scores}.csv      statistics per domain and proxy
+#   results/tables/table{2,3,4}.{md,csv,tex}      the paper's Tables 2-4 (rule analyze)
+#   results/figures/figure{3..9}*.{png,pdf}       the paper's Figures 3-9 (rule figures)
 #   results/benchmarks/                           time and memory of every train/eval job
 
 
@@ -45,11 +47,9 @@ include: "rules/analyze.smk"
 
 
 rule all:
-    """The demo's deliverables: the tidy table, correlations, tables and figures."""
+    """The demo's deliverables: the tidy table, statistics, tables and figures."""
     default_target: True
     input:
         "results/perplexity.csv",
-        "results/correlations.csv",
-        "results/tables/table2.md",
-        "results/figures/figure3.png",
-        "results/figures/figure3.pdf",
+        rules.analyze.output,
+        rules.figures.output,

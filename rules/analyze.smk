@@ -24,14 +24,15 @@ rule analyze:
 
 
 rule figures:
-    """Seq vs proxy perplexity, one panel per domain (paper Figure 3), and r per proxy."""
+    """Figures 3 to 9, redrawn from the result tables alone: `snakemake figures` trains nothing."""
     input:
         scores="results/proxy_scores.csv",
         correlations="results/correlations.csv",
         code=package_source("plots"),
     output:
-        multiext("results/figures/figure3", ".png", ".pdf"),
-        multiext("results/figures/correlations", ".png", ".pdf"),
+        figure3=multiext("results/figures/figure3", ".png", ".pdf"),
+        figure4=expand("results/figures/figure4_{proxy}.{ext}", proxy=PROXIES, ext=["png", "pdf"]),
+        summaries=expand("results/figures/figure{n}.{ext}", n=range(5, 10), ext=["png", "pdf"]),
     log:
         "logs/figures.log",
     conda:
@@ -41,6 +42,7 @@ rule figures:
         runtime=res("light", "runtime"),
     params:
         proxy=config["analysis"]["figure_proxy"],
+        grid=" ".join(PROXIES),
     shell:
         "python -m mergemix.plots --scores {input.scores} --correlations {input.correlations}"
-        " --proxy {params.proxy} --out-dir results/figures > {log} 2>&1"
+        " --proxy {params.proxy} --grid-proxies {params.grid} --out-dir results/figures > {log} 2>&1"

@@ -280,3 +280,10 @@ def all_ppl_csvs():
         for batch in BATCHES
     )
     return out
+
+
+# --- analysis -------------------------------------------------------------------------
+
+# Proxies the analysis scores: one per merge method the study runs, then the ind-model
+# baselines. Each gets its own seq-vs-proxy figure, so the figure files follow config.
+PROXIES = list(config["merge"]["methods"]) + ["mean_ind", "ind_id"]

@@ -572,6 +572,10 @@ def test_write_if_changed(tmp_path):
 # ---------------------------------------------------------------- plots
 
 
+FIGURE_STEMS = ["figure3", "figure4_micro", "figure4_weighted", "figure4_mean_ind",
+                "figure5", "figure6", "figure7", "figure8", "figure9"]
+
+
 def test_plots_write_png_pdf_and_are_stable(tmp_path):
     from mergemix import plots
 
@@ -581,21 +585,53 @@ def test_plots_write_png_pdf_and_are_stable(tmp_path):
     assert analyze.main(["--perplexity", str(src), "--out-dir", str(res), "-q"]) == 0
     figs = tmp_path / "figures"
     argv = ["--scores", str(res / "proxy_scores.csv"), "--correlations", str(res / "correlations.csv"),
-            "--out-dir", str(figs), "-q"]
+            "--out-dir", str(figs), "-q", "--grid-proxies", "micro", "weighted,mean_ind"]
     assert plots.main(argv) == 0
-    files = [figs / f"{stem}.{ext}" for stem in ("figure3", "correlations") for ext in ("png", "pdf")]
+    files = [figs / f"{stem}.{ext}" for stem in FIGURE_STEMS for ext in ("png", "pdf")]
+    assert sorted(p.name for p in figs.iterdir()) == sorted(f.name for f in files)
     for f in files:
         assert f.stat().st_size > 1000, f
     assert (figs / "figure3.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (figs / "figure3.pdf").read_bytes()[:5] == b"%PDF-"
     assert b"CreationDate" not in (figs / "figure3.pdf").read_bytes()
+    # weighted has no scores: its grid is a page saying so, not a failure
+    assert (figs / "figure4_weighted.png").stat().st_size < (figs / "figure4_micro.png").stat().st_size
     _age(files)
     assert plots.main(argv) == 0
     assert [f.stat().st_mtime for f in files] == [1_000_000_000] * len(files)
-    # another proxy changes figure3 but not the bar chart
+    # another proxy changes figure3 but not the summaries
     assert plots.main(argv + ["--proxy", "mean_ind"]) == 0
     assert (figs / "figure3.png").stat().st_mtime != 1_000_000_000
-    assert (figs / "correlations.png").stat().st_mtime == 1_000_000_000
+    assert (figs / "figure5.png").stat().st_mtime == 1_000_000_000
+    assert (figs / "figure4_micro.png").stat().st_mtime == 1_000_000_000
+
+
+def test_rank_figure_marks_the_proxy_pick():
+    from mergemix import plots
+
+    # the four-mixture example: the proxy picks m1 (proxy rank 1), whose true rank is 2
+    scores = _scores_frame("news", [10.0, 20.0, 30.0, 40.0], {"micro": [2.0, 1.0, 4.0, 3.0]})
+    fig = plots.rank_grid(scores)
+    (ax,) = fig.axes
+    points, star = ax.collections
+    assert star.get_offsets().tolist() == [[1.0, 2.0]]
+    assert sorted(map(tuple, points.get_offsets().tolist())) == [(1, 2), (2, 1), (3, 4), (4, 3)]
+    assert "true rank 2 of 4" in ax.get_title()
+
+
+def test_summary_bars_heights():
+    from mergemix import plots
+
+    corr = _stats_table()
+    # domains: news, web, in-domain, then the OOD group; bars of micro first, then ind_id
+    (ax,) = plots.pick_rank_bars(corr).axes
+    heights = [b.get_height() for b in ax.patches]
+    assert heights == [1.0, 3.0, 1.0, 2.0, 4.0, 1.0, 2.0, 2.5]  # the OOD group holds the median
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["news", "web", "in-domain", "OOD median"]
+    (ax,) = plots.accuracy_bars(corr).axes
+    assert [b.get_height() for b in ax.patches] == [0.75, 0.65, 0.9, 0.7, 0.55, 0.85, 0.6, 0.7]
+    (ax,) = plots.correlation_bars(corr, "spearman_rho").axes
+    assert [b.get_height() for b in ax.patches][:4] == [0.8, 0.6, 0.9, 0.7]
 
 
 def test_plots_default_proxy_and_unknown_proxy():

@@ -173,11 +173,20 @@ def test_analysis_outputs_have_every_domain_and_proxy(run):
     assert {"netdocs", "seedheld", "in-domain"} <= domains
     assert {"micro", "macro", "weighted", "mean_ind", "ind_id"} <= set(corr["proxy"])
     assert (corr.filter(pl.col("domain") == "netdocs")["n_mixtures"] == 3).all()
-    table = (run / "results/tables/table2.md").read_text()
-    assert "netdocs" in table and "in-domain" in table
-    for ext in ("png", "pdf"):
-        data = (run / f"results/figures/figure3.{ext}").read_bytes()
-        assert data[:4] in (b"\x89PNG", b"%PDF")
+    # every statistic is there for every domain and proxy of the 3 mixtures (3 pairs)
+    assert (corr.filter(pl.col("domain") == "netdocs")["n_pairs"] == 3).all()
+    assert corr["pairwise_acc"].is_between(0, 1).all() and corr["true_rank"].is_between(1, 3).all()
+    for n in (2, 3, 4):
+        table = (run / f"results/tables/table{n}.md").read_text()
+        assert table.startswith(f"Table {n}") and "micro" in table and "ind_id" in table
+        assert (run / f"results/tables/table{n}.tex").read_text().count(r"\bottomrule") == 1
+        assert "netdocs" in (run / f"results/tables/table{n}.csv").read_text() or n == 3
+    stems = ["figure3", *[f"figure4_{p}" for p in ("micro", "macro", "weighted", "mean_ind", "ind_id")],
+             *[f"figure{n}" for n in range(5, 10)]]
+    for stem in stems:
+        for ext in ("png", "pdf"):
+            data = (run / f"results/figures/{stem}.{ext}").read_bytes()
+            assert data[:4] in (b"\x89PNG", b"%PDF"), stem
     for bench in ("train/seed.tsv", "evaluate/seq/alpha+beta.tsv", "evaluate/merged/micro/gamma/0.tsv"):
         assert (run / "results/benchmarks" / bench).stat().st_size > 0
 
