@@ -15,6 +15,7 @@
 #   results/perplexity.csv                        all rows, one tidy table
 #   results/{correlations,proxy_scores}.csv      statistics per domain and proxy
 #   results/tables/table{2,3,4}.{md,csv,tex}      the paper's Tables 2-4 (rule analyze)
+#   results/tables/efficiency.{csv,md}            measured compute, modular vs. seq (rule efficiency)
 #   results/figures/figure{3..9}*.{png,pdf}       the paper's Figures 3-9 (rule figures)
 #   results/benchmarks/                           time and memory of every train/eval job
 
@@ -47,9 +48,10 @@ include: "rules/analyze.smk"
 
 
 rule all:
-    """The demo's deliverables: the tidy table, statistics, tables and figures."""
+    """The demo's deliverables: the tidy table, statistics, tables, figures and efficiency."""
     default_target: True
     input:
         "results/perplexity.csv",
         rules.analyze.output,
         rules.figures.output,
+        rules.efficiency.output,

@@ -1,4 +1,5 @@
-# results/perplexity.csv -> correlations, paper-shaped tables, figures.
+# results/perplexity.csv -> statistics and paper-shaped tables -> figures; benchmarks ->
+# the efficiency ledger.
 
 
 rule analyze:
@@ -46,3 +47,26 @@ rule figures:
     shell:
         "python -m mergemix.plots --scores {input.scores} --correlations {input.correlations}"
         " --proxy {params.proxy} --grid-proxies {params.grid} --out-dir results/figures > {log} 2>&1"
+
+
+rule efficiency:
+    """Measured compute of modular training vs. a seq model per mixture (paper section 5.5)."""
+    input:
+        benchmarks=benchmark_files(),
+        sidecars=sidecar_files(),
+        code=package_source("ledger"),
+    output:
+        csv="results/tables/efficiency.csv",
+        md="results/tables/efficiency.md",
+    log:
+        "logs/efficiency.log",
+    conda:
+        "../envs/analysis.yaml"
+    resources:
+        mem_mb=res("light", "mem_mb"),
+        runtime=res("light", "runtime"),
+    params:
+        study=study_flags(),
+    shell:
+        "python -m mergemix.ledger {input.benchmarks} {input.sidecars} {params.study}"
+        " --out-dir results/tables > {log} 2>&1"

@@ -191,6 +191,27 @@ def test_analysis_outputs_have_every_domain_and_proxy(run):
         assert (run / "results/benchmarks" / bench).stat().st_size > 0
 
 
+def test_efficiency_ledger_reads_the_runs_measurements(run):
+    rows = pl.read_csv(run / "results/tables/efficiency.csv")
+    measured = {r["item"]: r for r in rows.filter(pl.col("section") == "measured").iter_rows(named=True)}
+    # 4 unit models (gamma has 2), 1 ind model (gamma), 3 seq models, 2 engine batches x 3 methods
+    assert measured["unit models trained"]["jobs"] == 4
+    assert measured["ind models trained (several-unit partitions)"]["jobs"] == 1
+    assert measured["seq models trained"]["jobs"] == 3
+    assert measured["merged models scored (engine batches)"]["jobs"] == 6
+    # tokens are the sidecars' counts, which never exceed a unit (1500 tokens)
+    unit_tokens = [json.loads((run / f"work/models/unit/docs/{u}/mergemix.json").read_text())["tokens"]
+                   for u in ("alpha/0", "beta/0", "gamma/0", "gamma/1")]
+    assert measured["unit models trained"]["tokens"] == sum(unit_tokens)
+    assert all(0 < t <= 1500 for t in unit_tokens)
+    seed_s = float((run / "results/benchmarks/train/seed.tsv").read_text().splitlines()[1].split("\t")[0])
+    assert measured["seed pretraining"]["seconds"] == pytest.approx(seed_s, abs=0.01)
+    # 3 partitions, k = 2: all C(3, 2) = 3 candidates are studied
+    allc = rows.filter((pl.col("section") == "all candidates") & (pl.col("item") == "total"))
+    assert set(allc["mixtures"]) == {3}
+    assert (run / "results/tables/efficiency.md").read_text().startswith("Efficiency")
+
+
 def test_rerun_plans_nothing(run):
     done = snakemake(run, "-n")
     assert done.returncode == 0
