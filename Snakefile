@@ -18,9 +18,13 @@
 #   results/tables/efficiency.{csv,md}            measured compute, modular vs. seq (rule efficiency)
 #   results/figures/figure{3..9}*.{png,pdf}       the paper's Figures 3-9 (rule figures)
 #   results/benchmarks/                           time and memory of every train/eval job
+#   snakemake --report results/report.html        the figures and tables in one page (report/)
 
 
 configfile: "config.yaml"
+
+
+report: "report/workflow.rst"
 
 
 include: "rules/common.smk"

@@ -1,5 +1,5 @@
 # results/perplexity.csv -> statistics and paper-shaped tables -> figures; benchmarks ->
-# the efficiency ledger.
+# the efficiency ledger. Outputs flagged with report() make up `snakemake --report`.
 
 
 rule analyze:
@@ -9,10 +9,42 @@ rule analyze:
         code=package_source("analyze"),
     output:
         scores="results/proxy_scores.csv",
-        correlations="results/correlations.csv",
-        table2=multiext("results/tables/table2", ".md", ".csv", ".tex"),
-        table3=multiext("results/tables/table3", ".md", ".csv", ".tex"),
-        table4=multiext("results/tables/table4", ".md", ".csv", ".tex"),
+        correlations=report(
+            "results/correlations.csv",
+            caption="../report/correlations.rst",
+            category="Statistics",
+            labels={"file": "correlations.csv"},
+        ),
+        table2=[
+            report(
+                "results/tables/table2.csv",
+                caption="../report/table2.rst",
+                category="Tables",
+                labels={"table": "2"},
+            ),
+            "results/tables/table2.md",
+            "results/tables/table2.tex",
+        ],
+        table3=[
+            report(
+                "results/tables/table3.csv",
+                caption="../report/table3.rst",
+                category="Tables",
+                labels={"table": "3"},
+            ),
+            "results/tables/table3.md",
+            "results/tables/table3.tex",
+        ],
+        table4=[
+            report(
+                "results/tables/table4.csv",
+                caption="../report/table4.rst",
+                category="Tables",
+                labels={"table": "4"},
+            ),
+            "results/tables/table4.md",
+            "results/tables/table4.tex",
+        ],
     log:
         "logs/analyze.log",
     conda:
@@ -31,9 +63,38 @@ rule figures:
         correlations="results/correlations.csv",
         code=package_source("plots"),
     output:
-        figure3=multiext("results/figures/figure3", ".png", ".pdf"),
-        figure4=expand("results/figures/figure4_{proxy}.{ext}", proxy=PROXIES, ext=["png", "pdf"]),
-        summaries=expand("results/figures/figure{n}.{ext}", n=range(5, 10), ext=["png", "pdf"]),
+        figure3=[
+            report(
+                "results/figures/figure3.png",
+                caption="../report/figure3.rst",
+                category="Figures",
+                subcategory="Seq vs. proxy perplexity",
+                labels={"figure": "3", "proxy": config["analysis"]["figure_proxy"]},
+            ),
+            "results/figures/figure3.pdf",
+        ],
+        figure4=[
+            report(
+                f"results/figures/figure4_{proxy}.png",
+                caption="../report/figure4.rst",
+                category="Figures",
+                subcategory="Seq vs. proxy perplexity",
+                labels={"figure": "4", "proxy": proxy},
+            )
+            for proxy in PROXIES
+        ]
+        + expand("results/figures/figure4_{proxy}.pdf", proxy=PROXIES),
+        summaries=[
+            report(
+                f"results/figures/figure{n}.png",
+                caption=f"../report/figure{n}.rst",
+                category="Figures",
+                subcategory="Summaries",
+                labels={"figure": str(n), "proxy": "all"},
+            )
+            for n in range(5, 10)
+        ]
+        + expand("results/figures/figure{n}.pdf", n=range(5, 10)),
     log:
         "logs/figures.log",
     conda:
@@ -56,7 +117,12 @@ rule efficiency:
         sidecars=sidecar_files(),
         code=package_source("ledger"),
     output:
-        csv="results/tables/efficiency.csv",
+        csv=report(
+            "results/tables/efficiency.csv",
+            caption="../report/efficiency.rst",
+            category="Tables",
+            labels={"table": "efficiency"},
+        ),
         md="results/tables/efficiency.md",
     log:
         "logs/efficiency.log",

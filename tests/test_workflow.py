@@ -212,6 +212,20 @@ def test_efficiency_ledger_reads_the_runs_measurements(run):
     assert (run / "results/tables/efficiency.md").read_text().startswith("Efficiency")
 
 
+def test_figures_target_and_report(run, tmp_path):
+    """`snakemake figures` redraws figures from the result tables alone; the report embeds them."""
+    done = snakemake(run, "figures", "--forcerun", "figures", "-n")
+    assert done.returncode == 0, done.stderr[-4000:]
+    planned = [line.split()[1].rstrip(":") for line in done.stdout.splitlines() if line.startswith("rule ")]
+    assert planned == ["figures"], planned
+    report = tmp_path / "report.html"
+    done = snakemake(run, "--report", str(report))
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    html = report.read_text(errors="replace")
+    for name in ("figure3.png", "figure4_weighted.png", "figure9.png", "table3.csv", "efficiency.csv"):
+        assert name in html, name
+
+
 def test_rerun_plans_nothing(run):
     done = snakemake(run, "-n")
     assert done.returncode == 0
