@@ -135,7 +135,11 @@ def test_defaults_read_from_the_files(tmp_path):
     studied = pick(rows, "studied", "seq", "training")
     assert studied["mixtures"] == 2 and studied["basis"] == "measured" and studied["seconds"] == 64.0
     allc = pick(rows, "all candidates", "seq", "training")
-    assert allc["mixtures"] == 3 and allc["seconds"] == pytest.approx(96.0)
+    assert allc["mixtures"] == 3 and allc["seconds"] == pytest.approx(96.0) and allc["basis"] == "projected"
+    # a study that trained a seq model for every candidate: nothing is projected
+    rows = ledger.ledger(stages, partitions=2, k=1, mixtures=2)
+    assert {r["basis"] for r in rows if r["section"] == "all candidates"} == {"measured"}
+    assert pick(rows, "all candidates", "seq", "total")["seconds"] == 64.0 + 12.0
 
 
 def test_missing_sidecar_counts_time_not_tokens(tmp_path, caplog):

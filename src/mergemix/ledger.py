@@ -288,8 +288,9 @@ def ledger(stages: dict[str, Stage], partitions: int | None = None, k: int | Non
     scored = stages["merged_eval"]
     per_mix = {a: (getattr(scored, a) / m if m else nan) for a in ("seconds", "rank_seconds")}
     for section, count in (("studied", m), ("all candidates", candidates)):
-        basis_seq = "measured" if section == "studied" and seq_t.jobs == count else "projected"
-        basis_mod = "measured" if section == "studied" else "projected"
+        # measured where the run did exactly this many (a study of every candidate)
+        basis_seq = "measured" if seq_t.jobs == count else "projected"
+        basis_mod = "measured" if count == m else "projected"
         mod_train = (unit.seconds, unit.rank_seconds, unit.tokens)
         mod_score = (per_mix["seconds"] * count, per_mix["rank_seconds"] * count, nan)
         if basis_seq == "measured":
@@ -297,7 +298,7 @@ def ledger(stages: dict[str, Stage], partitions: int | None = None, k: int | Non
         else:
             seq_train = (mean(seq_t, "seconds") * count, mean(seq_t, "rank_seconds") * count,
                          mean(seq_t, "tokens") * count)
-        eval_basis = "measured" if section == "studied" and seq_e.jobs == count else "projected"
+        eval_basis = "measured" if seq_e.jobs == count else "projected"
         if eval_basis == "measured":
             seq_score = (seq_e.seconds, seq_e.rank_seconds, nan)
         else:
@@ -306,7 +307,7 @@ def ledger(stages: dict[str, Stage], partitions: int | None = None, k: int | Non
             _row(section, "training: unit models (do not grow with mixtures)", "modular", "measured",
                  count, unit.jobs, *mod_train),
             _row(section, "scoring: merged models", "modular", basis_mod, count,
-                 scored.jobs if section == "studied" else nan, *mod_score),
+                 scored.jobs if basis_mod == "measured" else nan, *mod_score),
             _row(section, "total", "modular", basis_mod, count, nan, *_total(mod_train, mod_score)),
             _row(section, "training: one seq model per mixture", "seq", basis_seq, count, count, *seq_train),
             _row(section, "scoring: seq models", "seq", eval_basis, count, count, *seq_score),
