@@ -13,11 +13,18 @@
 #   results/ppl/merged/{method}/{anchor}/{chunk}.csv  rows of a batch of merged models, scored
 #                                                 in memory by one engine job (no checkpoint)
 #   results/perplexity.csv                        all rows, one tidy table
-#   results/{correlations,proxy_scores}.csv, results/tables/, results/figures/
+#   results/{correlations,proxy_scores}.csv      statistics per domain and proxy
+#   results/tables/table{2,3,4}.{md,csv,tex}      the paper's Tables 2-4 (rule analyze)
+#   results/tables/efficiency.{csv,md}            measured compute, modular vs. seq (rule efficiency)
+#   results/figures/figure{3..9}*.{png,pdf}       the paper's Figures 3-9 (rule figures)
 #   results/benchmarks/                           time and memory of every train/eval job
+#   snakemake --report results/report.html        the figures and tables in one page (report/)
 
 
 configfile: "config.yaml"
+
+
+report: "report/workflow.rst"
 
 
 include: "rules/common.smk"
@@ -45,11 +52,10 @@ include: "rules/analyze.smk"
 
 
 rule all:
-    """The demo's deliverables: the tidy table, correlations, tables and figures."""
+    """The demo's deliverables: the tidy table, statistics, tables, figures and efficiency."""
     default_target: True
     input:
         "results/perplexity.csv",
-        "results/correlations.csv",
-        "results/tables/table2.md",
-        "results/figures/figure3.png",
-        "results/figures/figure3.pdf",
+        rules.analyze.output,
+        rules.figures.output,
+        rules.efficiency.output,

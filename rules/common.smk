@@ -289,3 +289,52 @@ def all_ppl_csvs():
         for batch in BATCHES
     )
     return out
+
+
+# --- analysis -------------------------------------------------------------------------
+
+# Proxies the analysis scores: one per merge method the study runs, then the ind-model
+# baselines. Each gets its own seq-vs-proxy figure, so the figure files follow config.
+PROXIES = list(config["merge"]["methods"]) + ["mean_ind", "ind_id"]
+BENCH = "results/benchmarks"
+
+
+def benchmark_files():
+    """Benchmark TSVs of every training and evaluation job of this study (the ledger's
+    input). Listed from config, not globbed, so files of an earlier study never count.
+    """
+    out = [f"{BENCH}/train/seed.tsv", f"{BENCH}/evaluate/seed.tsv"]
+    for p, source in PARTITIONS.items():
+        n = mmconfig.units(config, p)
+        out.extend(f"{BENCH}/train/unit/{source}/{p}/{u}.tsv" for u in range(n))
+        if n == 1:
+            out.append(f"{BENCH}/evaluate/unit/{p}/0.tsv")
+        else:
+            out.extend([f"{BENCH}/train/ind/{p}.tsv", f"{BENCH}/evaluate/ind/{p}.tsv"])
+    out.extend(f"{BENCH}/train/seq/{m}.tsv" for m in SEQ_MIXTURES)
+    out.extend(f"{BENCH}/evaluate/seq/{m}.tsv" for m in SEQ_MIXTURES)
+    out.extend(
+        f"{BENCH}/evaluate/merged/{method}/{batch}.tsv"
+        for method in config["merge"]["methods"]
+        for batch in BATCHES
+    )
+    return out
+
+
+def sidecar_files():
+    """Sidecars (tokens trained, ranks) of every model this study trains."""
+    dirs = ["work/models/seed"]
+    for p in PARTITIONS:
+        dirs.extend(partition_unit_dirs(p))
+        if mmconfig.units(config, p) > 1:
+            dirs.append(ind_dir(p))
+    dirs.extend(f"work/models/seq/{m}" for m in SEQ_MIXTURES)
+    return [f"{d}/mergemix.json" for d in dirs]
+
+
+def study_flags():
+    """n, k and the number of studied mixtures: the ledger projects to C(n, k) mixtures."""
+    return (
+        f"--partitions {len(PARTITIONS)} --k {config['mixtures']['k']}"
+        f" --mixtures {len(MIXTURES)}"
+    )

@@ -188,6 +188,52 @@ def test_no_seq_rows_is_an_error():
         proxy_table(df)
 
 
+# every merge method: the nll of its merged model on news, per mixture (hand-picked values)
+OTHER_METHODS = {
+    "macro": {"A+B": 71, "A+C": 73, "B+C": 81},
+    "weighted": {"A+B": 70.5, "A+C": 76, "B+C": 79},
+    "merged": {"A+B": 69, "A+C": 77, "B+C": 78},
+}
+
+
+def _with_other_methods() -> pl.DataFrame:
+    rows = []
+    for method, by_mixture in OTHER_METHODS.items():
+        for m, nll in by_mixture.items():
+            # held-out nlls 10 and 30 on each member, so the in-domain ppl is known too
+            nlls = {"news": nll, **{p: (10 if p == "A" else 30) for p in m.split("+")}}
+            rows += _rows("merged", f"{method}-{m}", m, method, nlls)
+    return pl.concat([example_frame(), pl.DataFrame(rows)])
+
+
+def test_every_merge_method_is_a_proxy():
+    scores = proxy_table(_with_other_methods())
+    assert sorted(set(scores["proxy"]), key=analyze.proxy_sort_key) == [
+        "micro", "macro", "weighted", "merged", "mean_ind", "ind_id"]
+    for method, by_mixture in OTHER_METHODS.items():
+        for m, nll in by_mixture.items():
+            assert _score(scores, m, "news", method)["proxy_ppl"] == pytest.approx(e(nll / 50))
+    # in-domain of B+C: (30 + 30) nats over (20 + 40) tokens
+    assert _score(scores, "B+C", "in-domain", "weighted")["proxy_ppl"] == pytest.approx(e(1.0))
+    # A+C: (10 + 30) nats over (10 + 40) tokens
+    assert _score(scores, "A+C", "in-domain", "merged")["proxy_ppl"] == pytest.approx(e(40 / 50))
+    corr = correlations(scores)
+    # merged nlls (69, 77, 78) vs seq nlls (70, 72, 80) on news: same order of A+B < A+C < B+C
+    assert _corr(corr, "news", "merged")["pairwise_acc"] == 1.0
+    assert _corr(corr, "news", "merged")["spearman_rho"] == pytest.approx(1.0)
+
+
+def test_absent_proxies_are_skipped(caplog):
+    scores = proxy_table(example_frame(), proxies=["weighted", "micro"])
+    assert set(scores["proxy"]) == {"micro"}
+    assert "weighted" in caplog.text
+    corr = correlations(scores)
+    assert set(corr["proxy"]) == {"micro"}
+    for stem in ("table2", "table3", "table4"):
+        md = analyze.table_markdown(analyze.TABLES[stem](corr))
+        assert "weighted" not in md and "micro" in md
+
+
 # ---------------------------------------------------------------- statistics
 
 
@@ -256,6 +302,93 @@ def test_ood_mean_row():
     assert corr["domain"].to_list() == ["news", "web", "in-domain", "ood-mean"]
 
 
+# pairwise accuracy, top-1 and true rank
+
+
+def test_perfectly_anti_ordered_proxy():
+    seq = [10.0, 20.0, 30.0, 40.0, 50.0]
+    corr = correlations(_scores_frame("news", seq, {"micro": [60 - s for s in seq]}))
+    row = _corr(corr, "news", "micro")
+    assert row["pearson_r"] == pytest.approx(-1.0)
+    assert row["spearman_rho"] == pytest.approx(-1.0)
+    assert row["pairwise_acc"] == 0.0 and row["n_pairs"] == 10
+    # the proxy picks the truly worst mixture: m4, true rank 5 of 5
+    assert (row["proxy_best"], row["true_best"]) == ("m4", "m0")
+    assert row["top1"] == 0.0 and row["true_rank"] == 5.0 and row["median_true_rank"] == 5.0
+
+
+def test_four_mixtures_by_hand():
+    # seq ranks m0 < m1 < m2 < m3; the proxy swaps (m0, m1) and (m2, m3).
+    # pairs: (0,1) wrong, (0,2) (0,3) (1,2) (1,3) right, (2,3) wrong -> 4 / 6.
+    # Spearman: rank differences (1, -1, 1, -1) -> 1 - 6 * 4 / (4 * 15) = 0.6.
+    # Pearson: deviations (-.5, -1.5, 1.5, .5) and (-15, -5, 5, 15): 30 / sqrt(5 * 500) = 0.6.
+    # The proxy's pick is m1 (proxy 1.0), whose true rank is 2.
+    corr = correlations(_scores_frame("news", [10.0, 20.0, 30.0, 40.0], {"micro": [2.0, 1.0, 4.0, 3.0]}))
+    row = _corr(corr, "news", "micro")
+    assert row["pairwise_acc"] == pytest.approx(4 / 6) and row["n_pairs"] == 6
+    assert row["spearman_rho"] == pytest.approx(0.6)
+    assert row["pearson_r"] == pytest.approx(0.6)
+    assert (row["proxy_best"], row["true_best"]) == ("m1", "m0")
+    assert row["top1"] == 0.0 and row["true_rank"] == 2.0
+
+
+def test_pairwise_accuracy_ties():
+    # (0,1): seq tie, left out; (0,2): right; (1,2): proxy tie, half a point -> 1.5 / 2
+    assert analyze.pairwise_accuracy([5.0, 6.0, 6.0], [1.0, 1.0, 2.0]) == (0.75, 2)
+    # every pair tied in the truth: nothing to decide
+    acc, n = analyze.pairwise_accuracy([1.0, 2.0], [3.0, 3.0])
+    assert math.isnan(acc) and n == 0
+    # one mixture: no pair
+    acc, n = analyze.pairwise_accuracy([1.0], [1.0])
+    assert math.isnan(acc) and n == 0
+    # two mixtures ordered alike: one right pair
+    assert analyze.pairwise_accuracy([1.0, 2.0], [7.0, 9.0]) == (1.0, 1)
+    with pytest.raises(ValueError, match="2 values but truth has 3"):
+        analyze.pairwise_accuracy([1.0, 2.0], [1.0, 2.0, 3.0])
+
+
+def test_proxy_pick_ties_and_true_rank():
+    # proxy tie at the minimum goes to the id sorting first (b before c);
+    # seq ppl of b is 2.0 and two mixtures (a, d) are strictly lower -> rank 3
+    pick, best, rank = analyze.proxy_pick(["c", "b", "a", "d"], [0.5, 0.5, 9.0, 7.0], [5.0, 2.0, 1.0, 1.0])
+    assert (pick, best, rank) == ("b", "a", 3)
+    # a pick tied with the best in seq ppl shares rank 1
+    assert analyze.proxy_pick(["x", "y"], [1.0, 2.0], [3.0, 3.0]) == ("x", "x", 1)
+
+
+def test_rank_statistics_need_two_mixtures():
+    corr = correlations(pl.concat([
+        _scores_frame("one", [10.0], {"micro": [1.0]}),
+        _scores_frame("two", [10.0, 12.0], {"micro": [2.0, 1.0]}),
+    ]))
+    one = _corr(corr, "one", "micro")
+    assert one["n_pairs"] == 0 and math.isnan(one["pairwise_acc"]) and math.isnan(one["top1"])
+    assert one["proxy_best"] in ("", None)
+    two = _corr(corr, "two", "micro")
+    assert math.isnan(two["pearson_r"])  # a correlation needs 3
+    assert two["pairwise_acc"] == 0.0 and two["true_rank"] == 2.0 and two["top1"] == 0.0
+
+
+def test_ood_mean_of_rank_statistics():
+    seq = [1.0, 2.0, 3.0, 4.0, 5.0]
+    scores = pl.concat([
+        _scores_frame("a", seq, {"micro": [1.0, 2.0, 3.0, 4.0, 5.0]}),   # pick m0: rank 1, acc 1
+        _scores_frame("b", seq, {"micro": [2.0, 1.0, 3.0, 4.0, 5.0]}),   # pick m1: rank 2, acc 9/10
+        _scores_frame("c", seq, {"micro": [5.0, 4.0, 3.0, 2.0, 1.0]}),   # pick m4: rank 5, acc 0
+        _scores_frame("in-domain", seq, {"micro": [5.0, 4.0, 3.0, 1.0, 2.0]}, "id"),  # not OOD
+    ])
+    corr = correlations(scores)
+    row = _corr(corr, "ood-mean", "micro")
+    assert row["domain_kind"] == "mean"
+    assert row["top1"] == pytest.approx(1 / 3)
+    assert row["true_rank"] == pytest.approx(8 / 3)
+    assert row["median_true_rank"] == 2.0
+    assert row["pairwise_acc"] == pytest.approx((1 + 0.9 + 0) / 3)
+    assert row["n_pairs"] == 10 and row["n_mixtures"] == 5
+    assert row["proxy_best"] in ("", None)
+    assert _corr(corr, "in-domain", "micro")["true_rank"] == 4.0
+
+
 # ---------------------------------------------------------------- tables
 
 
@@ -298,6 +431,77 @@ def test_latex_and_wide_tables():
     assert wide["mean_ind"].to_list() == pytest.approx([0.7, 0.9, 0.6, 0.8])
 
 
+def _stats_table():
+    """correlations.csv rows with every statistic set by hand (two OOD domains, in-domain, mean)."""
+    cols = ("pearson_r", "spearman_rho", "pairwise_acc", "top1", "true_rank", "median_true_rank")
+    vals = {
+        ("news", "micro"): (0.9, 0.8, 0.75, 1.0, 1.0, 1.0),
+        ("news", "ind_id"): (0.2, 0.1, 0.55, 0.0, 4.0, 4.0),
+        ("web", "micro"): (0.7, 0.6, 0.65, 0.0, 3.0, 3.0),
+        ("web", "ind_id"): (0.8, 0.9, 0.85, 1.0, 1.0, 1.0),
+        ("in-domain", "micro"): (0.95, 0.9, 0.9, 1.0, 1.0, 1.0),
+        ("in-domain", "ind_id"): (0.3, 0.2, 0.6, 0.0, 2.0, 2.0),
+        ("ood-mean", "micro"): (0.8, 0.7, 0.7, 0.5, 2.0, 2.0),
+        ("ood-mean", "ind_id"): (0.5, 0.5, 0.7, 0.5, 2.5, 2.5),
+    }
+    kinds = {"news": "ood", "web": "ood", "in-domain": "id", "ood-mean": "mean"}
+    rows = []
+    for (d, p), v in vals.items():
+        rows.append({"domain": d, "domain_kind": kinds[d], "proxy": p, "n_mixtures": 6,
+                     "pearson_p": 0.01, "spearman_p": 0.01, "n_pairs": 15,
+                     "proxy_best": "", "true_best": "", **dict(zip(cols, v))})
+    return pl.DataFrame(rows)
+
+
+def _md_body(md):
+    lines = md.strip().splitlines()
+    table = [ln for ln in lines if ln.startswith("|")]
+    header = [c.strip() for c in table[0].split("|")[1:-1]]
+    body = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in table[2:]}
+    return lines[0], header, body
+
+
+def test_table3_summary_per_proxy():
+    t = analyze.table3(_stats_table())
+    caption, header, body = _md_body(analyze.table_markdown(t))
+    assert caption.startswith("Table 3:") and "2 OOD domain(s)" in caption and "n = 6 mixtures" in caption
+    assert header == ["proxy", "OOD r", "OOD rho", "OOD pair acc.", "OOD top-1", "OOD median rank",
+                      "ID r", "ID pair acc.", "ID rank"]
+    assert list(body) == ["micro", "ind_id"]
+    # OOD columns read the ood-mean row, ID columns the in-domain row; best per column bold
+    # (higher is better except the ranks; the 0.700 and 0.500 ties are bold twice)
+    assert body["micro"] == ["**0.800**", "**0.700**", "**0.700**", "**0.500**", "**2**",
+                             "**0.950**", "**0.900**", "**1**"]
+    assert body["ind_id"] == ["0.500", "0.500", "**0.700**", "**0.500**", "2.5", "0.300", "0.600", "2"]
+    frame = analyze.table_frame(t)
+    assert frame.columns[0] == "proxy" and frame["ood_median_true_rank"].to_list() == [2.0, 2.5]
+    tex = analyze.table_latex(t)
+    assert r"ind\_id & 0.500 & 0.500 & \textbf{0.700} & \textbf{0.500} & 2.5 & 0.300 & 0.600 & 2 \\" in tex
+
+
+def test_table4_pairwise_accuracy_per_domain():
+    t = analyze.table4(_stats_table())
+    caption, header, body = _md_body(analyze.table_markdown(t))
+    assert caption.startswith("Table 4") and "pairwise decision accuracy" in caption
+    assert "chosen here" in caption and "n = 15 pairs" in caption
+    assert header == ["domain", "micro", "ind_id"]
+    assert body == {
+        "news": ["**0.750**", "0.550"],
+        "web": ["0.650", "**0.850**"],
+        "in-domain": ["**0.900**", "0.600"],
+        "OOD mean": ["**0.700**", "**0.700**"],
+    }
+
+
+def test_nan_cells_show_as_na():
+    corr = _stats_table().with_columns(
+        pl.when(pl.col("proxy") == "ind_id").then(float("nan")).otherwise(pl.col("pairwise_acc"))
+        .alias("pairwise_acc"))
+    _, _, body = _md_body(analyze.table_markdown(analyze.table4(corr)))
+    assert body["news"] == ["**0.750**", "n/a"]
+    assert r"news & \textbf{0.750} & -- \\" in analyze.table_latex(analyze.table4(corr))
+
+
 # ---------------------------------------------------------------- loading / CLI
 
 
@@ -337,7 +541,7 @@ def test_cli_outputs_and_idempotence(tmp_path):
     out = tmp_path / "results"
     assert analyze.main(["--perplexity", str(src), "--out-dir", str(out), "-q"]) == 0
     files = [out / "proxy_scores.csv", out / "correlations.csv",
-             out / "tables" / "table2.md", out / "tables" / "table2.csv", out / "tables" / "table2.tex"]
+             *[out / "tables" / f"table{n}.{ext}" for n in (2, 3, 4) for ext in ("md", "csv", "tex")]]
     for f in files:
         assert f.stat().st_size > 0, f
     scores = pl.read_csv(out / "proxy_scores.csv")
@@ -368,6 +572,10 @@ def test_write_if_changed(tmp_path):
 # ---------------------------------------------------------------- plots
 
 
+FIGURE_STEMS = ["figure3", "figure4_micro", "figure4_weighted", "figure4_mean_ind",
+                "figure5", "figure6", "figure7", "figure8", "figure9"]
+
+
 def test_plots_write_png_pdf_and_are_stable(tmp_path):
     from mergemix import plots
 
@@ -377,21 +585,53 @@ def test_plots_write_png_pdf_and_are_stable(tmp_path):
     assert analyze.main(["--perplexity", str(src), "--out-dir", str(res), "-q"]) == 0
     figs = tmp_path / "figures"
     argv = ["--scores", str(res / "proxy_scores.csv"), "--correlations", str(res / "correlations.csv"),
-            "--out-dir", str(figs), "-q"]
+            "--out-dir", str(figs), "-q", "--grid-proxies", "micro", "weighted,mean_ind"]
     assert plots.main(argv) == 0
-    files = [figs / f"{stem}.{ext}" for stem in ("figure3", "correlations") for ext in ("png", "pdf")]
+    files = [figs / f"{stem}.{ext}" for stem in FIGURE_STEMS for ext in ("png", "pdf")]
+    assert sorted(p.name for p in figs.iterdir()) == sorted(f.name for f in files)
     for f in files:
         assert f.stat().st_size > 1000, f
     assert (figs / "figure3.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (figs / "figure3.pdf").read_bytes()[:5] == b"%PDF-"
     assert b"CreationDate" not in (figs / "figure3.pdf").read_bytes()
+    # weighted has no scores: its grid is a page saying so, not a failure
+    assert (figs / "figure4_weighted.png").stat().st_size < (figs / "figure4_micro.png").stat().st_size
     _age(files)
     assert plots.main(argv) == 0
     assert [f.stat().st_mtime for f in files] == [1_000_000_000] * len(files)
-    # another proxy changes figure3 but not the bar chart
+    # another proxy changes figure3 but not the summaries
     assert plots.main(argv + ["--proxy", "mean_ind"]) == 0
     assert (figs / "figure3.png").stat().st_mtime != 1_000_000_000
-    assert (figs / "correlations.png").stat().st_mtime == 1_000_000_000
+    assert (figs / "figure5.png").stat().st_mtime == 1_000_000_000
+    assert (figs / "figure4_micro.png").stat().st_mtime == 1_000_000_000
+
+
+def test_rank_figure_marks_the_proxy_pick():
+    from mergemix import plots
+
+    # the four-mixture example: the proxy picks m1 (proxy rank 1), whose true rank is 2
+    scores = _scores_frame("news", [10.0, 20.0, 30.0, 40.0], {"micro": [2.0, 1.0, 4.0, 3.0]})
+    fig = plots.rank_grid(scores)
+    (ax,) = fig.axes
+    points, star = ax.collections
+    assert star.get_offsets().tolist() == [[1.0, 2.0]]
+    assert sorted(map(tuple, points.get_offsets().tolist())) == [(1, 2), (2, 1), (3, 4), (4, 3)]
+    assert "true rank 2 of 4" in ax.get_title()
+
+
+def test_summary_bars_heights():
+    from mergemix import plots
+
+    corr = _stats_table()
+    # domains: news, web, in-domain, then the OOD group; bars of micro first, then ind_id
+    (ax,) = plots.pick_rank_bars(corr).axes
+    heights = [b.get_height() for b in ax.patches]
+    assert heights == [1.0, 3.0, 1.0, 2.0, 4.0, 1.0, 2.0, 2.5]  # the OOD group holds the median
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["news", "web", "in-domain", "OOD median"]
+    (ax,) = plots.accuracy_bars(corr).axes
+    assert [b.get_height() for b in ax.patches] == [0.75, 0.65, 0.9, 0.7, 0.55, 0.85, 0.6, 0.7]
+    (ax,) = plots.correlation_bars(corr, "spearman_rho").axes
+    assert [b.get_height() for b in ax.patches][:4] == [0.8, 0.6, 0.9, 0.7]
 
 
 def test_plots_default_proxy_and_unknown_proxy():

@@ -173,13 +173,57 @@ def test_analysis_outputs_have_every_domain_and_proxy(run):
     assert {"netdocs", "seedheld", "in-domain"} <= domains
     assert {"micro", "macro", "weighted", "mean_ind", "ind_id"} <= set(corr["proxy"])
     assert (corr.filter(pl.col("domain") == "netdocs")["n_mixtures"] == 3).all()
-    table = (run / "results/tables/table2.md").read_text()
-    assert "netdocs" in table and "in-domain" in table
-    for ext in ("png", "pdf"):
-        data = (run / f"results/figures/figure3.{ext}").read_bytes()
-        assert data[:4] in (b"\x89PNG", b"%PDF")
+    # every statistic is there for every domain and proxy of the 3 mixtures (3 pairs)
+    assert (corr.filter(pl.col("domain") == "netdocs")["n_pairs"] == 3).all()
+    assert corr["pairwise_acc"].is_between(0, 1).all() and corr["true_rank"].is_between(1, 3).all()
+    for n in (2, 3, 4):
+        table = (run / f"results/tables/table{n}.md").read_text()
+        assert table.startswith(f"Table {n}") and "micro" in table and "ind_id" in table
+        assert (run / f"results/tables/table{n}.tex").read_text().count(r"\bottomrule") == 1
+        assert "netdocs" in (run / f"results/tables/table{n}.csv").read_text() or n == 3
+    stems = ["figure3", *[f"figure4_{p}" for p in ("micro", "macro", "weighted", "mean_ind", "ind_id")],
+             *[f"figure{n}" for n in range(5, 10)]]
+    for stem in stems:
+        for ext in ("png", "pdf"):
+            data = (run / f"results/figures/{stem}.{ext}").read_bytes()
+            assert data[:4] in (b"\x89PNG", b"%PDF"), stem
     for bench in ("train/seed.tsv", "evaluate/seq/alpha+beta.tsv", "evaluate/merged/micro/gamma/0.tsv"):
         assert (run / "results/benchmarks" / bench).stat().st_size > 0
+
+
+def test_efficiency_ledger_reads_the_runs_measurements(run):
+    rows = pl.read_csv(run / "results/tables/efficiency.csv")
+    measured = {r["item"]: r for r in rows.filter(pl.col("section") == "measured").iter_rows(named=True)}
+    # 4 unit models (gamma has 2), 1 ind model (gamma), 3 seq models, 2 engine batches x 3 methods
+    assert measured["unit models trained"]["jobs"] == 4
+    assert measured["ind models trained (several-unit partitions)"]["jobs"] == 1
+    assert measured["seq models trained"]["jobs"] == 3
+    assert measured["merged models scored (engine batches)"]["jobs"] == 6
+    # tokens are the sidecars' counts, which never exceed a unit (1500 tokens)
+    unit_tokens = [json.loads((run / f"work/models/unit/docs/{u}/mergemix.json").read_text())["tokens"]
+                   for u in ("alpha/0", "beta/0", "gamma/0", "gamma/1")]
+    assert measured["unit models trained"]["tokens"] == sum(unit_tokens)
+    assert all(0 < t <= 1500 for t in unit_tokens)
+    seed_s = float((run / "results/benchmarks/train/seed.tsv").read_text().splitlines()[1].split("\t")[0])
+    assert measured["seed pretraining"]["seconds"] == pytest.approx(seed_s, abs=0.01)
+    # 3 partitions, k = 2: all C(3, 2) = 3 candidates are studied
+    allc = rows.filter((pl.col("section") == "all candidates") & (pl.col("item") == "total"))
+    assert set(allc["mixtures"]) == {3}
+    assert (run / "results/tables/efficiency.md").read_text().startswith("Efficiency")
+
+
+def test_figures_target_and_report(run, tmp_path):
+    """`snakemake figures` redraws figures from the result tables alone; the report embeds them."""
+    done = snakemake(run, "figures", "--forcerun", "figures", "-n")
+    assert done.returncode == 0, done.stderr[-4000:]
+    planned = [line.split()[1].rstrip(":") for line in done.stdout.splitlines() if line.startswith("rule ")]
+    assert planned == ["figures"], planned
+    report = tmp_path / "report.html"
+    done = snakemake(run, "--report", str(report))
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    html = report.read_text(errors="replace")
+    for name in ("figure3.png", "figure4_weighted.png", "figure9.png", "table3.csv", "efficiency.csv"):
+        assert name in html, name
 
 
 def test_rerun_plans_nothing(run):

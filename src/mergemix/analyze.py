@@ -1,11 +1,20 @@
-"""Correlate proxy perplexities with ground-truth ("seq") perplexities.
+"""Score proxy perplexities against ground-truth ("seq") perplexities.
 
-Reproduces the analysis behind Table 2 of Na et al. (2024, arXiv 2410.15661):
+Reproduces the analysis behind Tables 2-4 of Na et al. (2024, arXiv 2410.15661):
 for every candidate data mixture that has a model really trained on it (a
 "seq" model), compare that model's perplexity with cheap proxies built from
-per-partition models -- parameter averages ("merged" models, one per merge
-method) and the per-partition ("ind") models' own perplexities -- and report,
-per evaluation domain, Pearson r (and Spearman rho) across mixtures.
+per-partition models -- parameter averages ("merged" models, one proxy per
+merge method: ``micro``, ``macro``, ``weighted``, ``merged``) and the
+per-partition ("ind") models' own perplexities (``mean_ind``, ``ind_id``) --
+and report, per evaluation domain and averaged over the OOD domains:
+
+- Pearson r and Spearman rho across mixtures (Table 2: Pearson r);
+- pairwise decision accuracy: the share of mixture pairs the proxy orders as
+  the seq models do (pairs tied in seq perplexity are left out; a pair only
+  the proxy ties counts 0.5) -- Table 4;
+- whether the proxy's best mixture (lowest proxy perplexity) is the true best
+  (lowest seq perplexity), and its true rank (1 = best; the paper's A.5
+  reports a median true rank of 2 of 22) -- with the means above, Table 3.
 
 Input is ``results/perplexity.csv`` (one row per model x evaluation domain).
 This module deliberately depends only on polars, numpy and scipy: the analysis
@@ -17,8 +26,8 @@ Command line::
         --out-dir results [--proxies micro mean_ind ...]
 
 writes ``proxy_scores.csv``, ``correlations.csv`` and
-``tables/table2.{md,csv,tex}`` under ``--out-dir``; each file is replaced
-(atomically) only when its bytes change.
+``tables/table{2,3,4}.{md,csv,tex}`` under ``--out-dir``; each file is
+replaced (atomically) only when its bytes change.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import math
 import os
 import sys
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -82,8 +92,18 @@ CORR_COLUMNS = (
     "pearson_p",
     "spearman_rho",
     "spearman_p",
+    "n_pairs",
+    "pairwise_acc",
+    "proxy_best",
+    "true_best",
+    "top1",
+    "true_rank",
+    "median_true_rank",
 )
+#: fewest mixtures for a correlation (two points always lie on a line)
 MIN_MIXTURES = 3
+#: fewest mixtures for pairwise accuracy, top-1 and true rank (one pair)
+MIN_RANK_MIXTURES = 2
 
 _SCORE_SCHEMA = {
     "mixture": pl.Utf8,
@@ -102,6 +122,13 @@ _CORR_SCHEMA = {
     "pearson_p": pl.Float64,
     "spearman_rho": pl.Float64,
     "spearman_p": pl.Float64,
+    "n_pairs": pl.Int64,
+    "pairwise_acc": pl.Float64,
+    "proxy_best": pl.Utf8,
+    "true_best": pl.Utf8,
+    "top1": pl.Float64,
+    "true_rank": pl.Float64,
+    "median_true_rank": pl.Float64,
 }
 
 
@@ -461,14 +488,120 @@ def _corr(x: np.ndarray, y: np.ndarray, label: str) -> tuple[float, float, float
     return float(pr.statistic), float(pr.pvalue), float(sr.statistic), float(sr.pvalue)
 
 
-def correlations(scores: pl.DataFrame) -> pl.DataFrame:
-    """Pearson r and Spearman rho across mixtures, per domain and proxy.
+def pairwise_accuracy(proxy: Sequence[float], truth: Sequence[float]) -> tuple[float, int]:
+    """Share of mixture pairs that ``proxy`` orders the way ``truth`` does, and the pair count.
 
-    Correlates ``seq_ppl`` with ``proxy_ppl`` (raw perplexities, as in the
-    paper).  Fewer than 3 mixtures or a constant input give NaN (warned).
-    Adds one ``ood-mean`` row per proxy (domain_kind ``"mean"``): the mean of
-    Pearson r and of Spearman rho over the OOD domains whose value is finite;
-    its p-values are NaN and its n_mixtures is the smallest over those domains.
+    This is the decision a data ablation makes ("is mixture a better than b?").
+    A pair whose true (seq) perplexities are equal has no right answer and is
+    left out of the count.  A pair the proxy ties (but the truth does not)
+    counts 0.5: the proxy cannot decide it, and a coin toss is right half the
+    time.  Equality is exact.  Fewer than two values, or no countable pair,
+    give ``(nan, 0)``.
+    """
+    x = np.asarray(proxy, dtype=float)
+    y = np.asarray(truth, dtype=float)
+    if x.shape != y.shape:
+        raise ValueError(f"proxy has {x.size} values but truth has {y.size}")
+    if x.size < MIN_RANK_MIXTURES:
+        return float("nan"), 0
+    i, j = np.triu_indices(x.size, k=1)
+    dy = np.sign(y[i] - y[j])
+    dx = np.sign(x[i] - x[j])
+    keep = dy != 0
+    if not keep.any():
+        return float("nan"), 0
+    score = np.where(dx[keep] == 0, 0.5, (dx[keep] == dy[keep]).astype(float))
+    return float(score.mean()), int(keep.sum())
+
+
+def proxy_pick(mixtures: Sequence[str], proxy: Sequence[float],
+               truth: Sequence[float]) -> tuple[str, str, int]:
+    """The proxy's best mixture, the true best, and the true rank of the proxy's pick.
+
+    Lower perplexity is better.  The proxy's pick is the mixture with the lowest
+    proxy perplexity; the true best has the lowest seq perplexity (ties in
+    either go to the mixture id that sorts first).  The true rank of the pick
+    is 1 + the number of mixtures with strictly lower seq perplexity, so 1
+    means the proxy picked a truly best mixture (paper, appendix A.5).
+    """
+    names = list(mixtures)
+    x = np.asarray(proxy, dtype=float)
+    y = np.asarray(truth, dtype=float)
+    if not (len(names) == x.size == y.size) or not names:
+        raise ValueError("proxy_pick needs one proxy and one true value per mixture, at least one")
+    pick = min(range(len(names)), key=lambda k: (x[k], names[k]))
+    best = min(range(len(names)), key=lambda k: (y[k], names[k]))
+    rank = 1 + int(np.sum(y < y[pick]))
+    return names[pick], names[best], rank
+
+
+def _rank_stats(names: list[str], x: np.ndarray, y: np.ndarray, label: str) -> dict:
+    nan = float("nan")
+    out = {"n_pairs": 0, "pairwise_acc": nan, "proxy_best": "", "true_best": "",
+           "top1": nan, "true_rank": nan, "median_true_rank": nan}
+    if len(names) < MIN_RANK_MIXTURES:
+        log.warning("%s: only %d mixture(s) (< %d); no pairwise accuracy or ranks",
+                    label, len(names), MIN_RANK_MIXTURES)
+        return out
+    acc, n_pairs = pairwise_accuracy(x, y)
+    pick, best, rank = proxy_pick(names, x, y)
+    out.update(n_pairs=n_pairs, pairwise_acc=acc, proxy_best=pick, true_best=best,
+               top1=1.0 if rank == 1 else 0.0, true_rank=float(rank), median_true_rank=float(rank))
+    return out
+
+
+def _finite(values: Iterable[float]) -> list[float]:
+    return [v for v in values if v is not None and math.isfinite(v)]
+
+
+def _summary_row(domain: str, proxy: str, sel: list[dict]) -> dict:
+    """Statistics of ``sel`` (one proxy's rows over several domains) averaged over domains.
+
+    Means of Pearson r, Spearman rho, pairwise accuracy and top-1 (so top-1
+    becomes the share of domains whose proxy pick is the true best) and of the
+    true rank; ``median_true_rank`` is the median true rank over the domains.
+    Each uses the domains where it is finite; n_mixtures and n_pairs are the
+    smallest over the domains with a finite Pearson r (resp. pairwise accuracy).
+    """
+    def mean(key: str) -> float:
+        vals = _finite(r[key] for r in sel)
+        return float(np.mean(vals)) if vals else float("nan")
+
+    ranks = _finite(r["true_rank"] for r in sel)
+    ns = [r["n_mixtures"] for r in sel if math.isfinite(r["pearson_r"])]
+    pairs = [r["n_pairs"] for r in sel if math.isfinite(r["pairwise_acc"])]
+    return {
+        "domain": domain, "domain_kind": OOD_MEAN_KIND, "proxy": proxy,
+        "n_mixtures": min(ns) if ns else 0,
+        "pearson_r": mean("pearson_r"), "pearson_p": float("nan"),
+        "spearman_rho": mean("spearman_rho"), "spearman_p": float("nan"),
+        "n_pairs": min(pairs) if pairs else 0,
+        "pairwise_acc": mean("pairwise_acc"),
+        "proxy_best": "", "true_best": "",
+        "top1": mean("top1"), "true_rank": mean("true_rank"),
+        "median_true_rank": float(np.median(ranks)) if ranks else float("nan"),
+    }
+
+
+def correlations(scores: pl.DataFrame) -> pl.DataFrame:
+    """Every statistic of how well each proxy tracks the seq models, per domain and proxy.
+
+    For each (domain, proxy), over the mixtures with a finite ``seq_ppl`` and
+    ``proxy_ppl``:
+
+    - ``pearson_r``/``spearman_rho`` (with p-values) between raw seq and proxy
+      perplexities, as in the paper; NaN below 3 mixtures or for a constant input;
+    - ``pairwise_acc`` over ``n_pairs`` mixture pairs (see :func:`pairwise_accuracy`:
+      pairs tied in seq ppl are left out, proxy-only ties count 0.5);
+    - ``proxy_best`` (lowest proxy ppl), ``true_best`` (lowest seq ppl),
+      ``top1`` (1.0 when the proxy's pick is a truly best mixture, else 0.0)
+      and ``true_rank``/``median_true_rank`` (the pick's rank by seq ppl, 1 = best;
+      see :func:`proxy_pick`); NaN (empty ids) below 2 mixtures.
+
+    Adds one ``ood-mean`` row per proxy (domain_kind ``"mean"``) averaging
+    these over the OOD domains (see :func:`_summary_row`; ``median_true_rank``
+    is there the median over OOD domains, the paper's A.5 summary); its p-values
+    are NaN and its mixture ids empty.  The ``in-domain`` set has its own rows.
     """
     _check_columns(scores.columns, SCORE_COLUMNS, "scores table")
     scores = scores.select(SCORE_COLUMNS).cast(_SCORE_SCHEMA)
@@ -481,29 +614,22 @@ def correlations(scores: pl.DataFrame) -> pl.DataFrame:
         y = np.asarray(r["seq_ppl"], dtype=float)
         ok = np.isfinite(x) & np.isfinite(y)
         x, y = x[ok], y[ok]
-        pr, pp, sr, sp = _corr(x, y, f"domain {r['domain']} proxy {r['proxy']}")
+        names = [m for m, keep in zip(r["mixture"], ok) if keep]
+        label = f"domain {r['domain']} proxy {r['proxy']}"
+        pr, pp, sr, sp = _corr(x, y, label)
         rows.append({
             "domain": r["domain"], "domain_kind": r["domain_kind"], "proxy": r["proxy"],
             "n_mixtures": int(len(x)), "pearson_r": pr, "pearson_p": pp,
-            "spearman_rho": sr, "spearman_p": sp,
+            "spearman_rho": sr, "spearman_p": sp, **_rank_stats(names, x, y, label),
         })
     ood_rows = [r for r in rows if r["domain_kind"] == "ood"]
     for proxy in sorted({r["proxy"] for r in ood_rows}):
         sel = [r for r in ood_rows if r["proxy"] == proxy]
-        rs = [r["pearson_r"] for r in sel if math.isfinite(r["pearson_r"])]
-        rhos = [r["spearman_rho"] for r in sel if math.isfinite(r["spearman_rho"])]
-        if len(rs) < len(sel):
+        finite = _finite(r["pearson_r"] for r in sel)
+        if len(finite) < len(sel):
             log.warning("proxy %s: OOD mean uses %d of %d OOD domains (others NaN)",
-                        proxy, len(rs), len(sel))
-        ns = [r["n_mixtures"] for r in sel if math.isfinite(r["pearson_r"])]
-        rows.append({
-            "domain": OOD_MEAN, "domain_kind": OOD_MEAN_KIND, "proxy": proxy,
-            "n_mixtures": min(ns) if ns else 0,
-            "pearson_r": float(np.mean(rs)) if rs else float("nan"),
-            "pearson_p": float("nan"),
-            "spearman_rho": float(np.mean(rhos)) if rhos else float("nan"),
-            "spearman_p": float("nan"),
-        })
+                        proxy, len(finite), len(sel))
+        rows.append(_summary_row(OOD_MEAN, proxy, sel))
     rows.sort(key=lambda r: (domain_sort_key(r["domain"]), proxy_sort_key(r["proxy"])))
     return pl.DataFrame(rows, schema=_CORR_SCHEMA)
 
@@ -512,73 +638,79 @@ def correlations(scores: pl.DataFrame) -> pl.DataFrame:
 # tables
 
 
-def _table_layout(corr: pl.DataFrame) -> tuple[list[str], list[str], dict[tuple[str, str], float]]:
-    _check_columns(corr.columns, ("domain", "proxy", "pearson_r"), "correlations table")
-    domains = sorted(set(corr["domain"].to_list()), key=domain_sort_key)
-    proxies = sorted(set(corr["proxy"].to_list()), key=proxy_sort_key)
-    cell = {
-        (d, p): (float("nan") if r is None else float(r))
-        for d, p, r in corr.select("domain", "proxy", "pearson_r").iter_rows()
-    }
-    return domains, proxies, cell
+@dataclass(frozen=True)
+class PaperTable:
+    """A paper-shaped table: a one-line caption, labelled rows, named numeric columns.
+
+    Rendered as markdown (:func:`table_markdown`), booktabs LaTeX
+    (:func:`table_latex`) and a wide CSV (:func:`table_frame`) from the same
+    cells, so the three never disagree.  ``formats`` per column: ``"f3"``
+    (three decimals) or ``"rank"`` (integers plain, else one decimal).
+    ``bold="row"`` bolds the highest shown value of each row; ``"column"``
+    bolds each column's best, the highest or lowest as ``better`` says.  Ties
+    at the shown precision are all bold; NaN shows as ``n/a`` (``--`` in LaTeX).
+    """
+
+    caption: str
+    index: str
+    index_label: str
+    rows: tuple[str, ...]
+    columns: tuple[str, ...]
+    labels: tuple[str, ...]
+    values: tuple[tuple[float, ...], ...]
+    formats: tuple[str, ...]
+    bold: str = "row"
+    better: tuple[str, ...] = ()
+    rule_before: frozenset[str] = frozenset()
+
+
+def _fmt(v: float, fmt: str = "f3") -> str:
+    if v is None or not math.isfinite(v):
+        return "n/a"
+    if fmt == "rank":
+        return f"{v:.0f}" if float(v).is_integer() else f"{v:.1f}"
+    return f"{v:.3f}"
+
+
+def _best_mask(shown: list[str], better: str = "max") -> list[bool]:
+    vals = [float(t) if t != "n/a" else None for t in shown]
+    finite = [v for v in vals if v is not None]
+    if not finite:
+        return [False] * len(shown)
+    best = max(finite) if better == "max" else min(finite)
+    return [v is not None and v == best for v in vals]
 
 
 def _bold_mask(values: list[float]) -> list[bool]:
-    """Highest r per row (ties at 3 decimals all bold; NaN never)."""
-    shown = [round(v, 3) if math.isfinite(v) else None for v in values]
-    finite = [v for v in shown if v is not None]
-    if not finite:
-        return [False] * len(values)
-    best = max(finite)
-    return [v is not None and v == best for v in shown]
+    """Highest value per row at three decimals (ties all bold; NaN never)."""
+    return _best_mask([_fmt(v) for v in values])
 
 
-def _fmt(v: float) -> str:
-    return f"{v:.3f}" if math.isfinite(v) else "n/a"
+def _shown_cells(t: PaperTable) -> list[list[tuple[str, bool, float]]]:
+    """(text, bold, value) of every cell, after the table's bold rule."""
+    shown = [[_fmt(v, f) for v, f in zip(row, t.formats)] for row in t.values]
+    bold = [[False] * len(t.columns) for _ in t.rows]
+    if t.bold == "row":
+        for i, row in enumerate(shown):
+            bold[i] = _best_mask(row)
+    elif t.bold == "column":
+        for j in range(len(t.columns)):
+            mask = _best_mask([row[j] for row in shown], t.better[j] if t.better else "max")
+            for i, b in enumerate(mask):
+                bold[i][j] = b
+    return [[(shown[i][j], bold[i][j], t.values[i][j]) for j in range(len(t.columns))]
+            for i in range(len(t.rows))]
 
 
-def _n_text(corr: pl.DataFrame) -> str:
-    sel = corr.filter(pl.col("domain") != OOD_MEAN) if "n_mixtures" in corr.columns else None
-    if sel is None or sel.height == 0:
-        return "n = ? mixtures"
-    lo, hi = int(sel["n_mixtures"].min()), int(sel["n_mixtures"].max())
-    return f"n = {hi} mixtures" if lo == hi else f"n = {lo}-{hi} mixtures (varies by cell)"
-
-
-def caption(corr: pl.DataFrame) -> str:
-    return (
-        f"Table 2: Pearson r across mixtures ({_n_text(corr)}) between the seq model's "
-        "perplexity and each proxy's perplexity, per evaluation domain; "
-        "best (highest) r per row in bold."
-    )
-
-
-def markdown_table(corr: pl.DataFrame) -> str:
-    """Markdown version of the paper's Table 2 (caption line, then the table).
-
-    Rows: OOD domains (sorted), ``in-domain``, ``OOD mean``; columns: merge
-    methods present, then ``mean_ind``, ``ind_id``; cells: Pearson r to three
-    decimals with the row maximum in bold.
-    """
-    domains, proxies, cell = _table_layout(corr)
-    lines = [caption(corr), ""]
-    lines.append("| domain | " + " | ".join(proxies) + " |")
-    lines.append("|:--|" + "|".join("--:" for _ in proxies) + "|")
-    for d in domains:
-        vals = [cell.get((d, p), float("nan")) for p in proxies]
-        bold = _bold_mask(vals)
-        cells = [f"**{_fmt(v)}**" if b else _fmt(v) for v, b in zip(vals, bold)]
-        lines.append(f"| {domain_label(d)} | " + " | ".join(cells) + " |")
+def table_markdown(t: PaperTable) -> str:
+    """The caption line, a blank line, then a GitHub markdown table."""
+    lines = [t.caption, ""]
+    lines.append(f"| {t.index} | " + " | ".join(t.labels) + " |")
+    lines.append("|:--|" + "|".join("--:" for _ in t.columns) + "|")
+    for label, cells in zip(t.rows, _shown_cells(t)):
+        text = [f"**{s}**" if b else s for s, b, _ in cells]
+        lines.append(f"| {label} | " + " | ".join(text) + " |")
     return "\n".join(lines) + "\n"
-
-
-def wide_table(corr: pl.DataFrame) -> pl.DataFrame:
-    """Table 2 as a wide frame: ``domain`` then one Pearson-r column per proxy."""
-    domains, proxies, cell = _table_layout(corr)
-    data: dict[str, list] = {"domain": [domain_label(d) for d in domains]}
-    for p in proxies:
-        data[p] = [cell.get((d, p), float("nan")) for d in domains]
-    return pl.DataFrame(data, schema={"domain": pl.Utf8, **{p: pl.Float64 for p in proxies}})
 
 
 _TEX_ESCAPES = {
@@ -591,28 +723,165 @@ def _tex(s: str) -> str:
     return "".join(_TEX_ESCAPES.get(c, c) for c in s)
 
 
-def latex_table(corr: pl.DataFrame) -> str:
-    """Table 2 as a booktabs LaTeX tabular (needs ``\\usepackage{booktabs}``)."""
-    domains, proxies, cell = _table_layout(corr)
+def table_latex(t: PaperTable) -> str:
+    """A booktabs LaTeX tabular (needs ``\\usepackage{booktabs}``), caption as a comment."""
     lines = [
-        f"% {caption(corr)}",
-        r"\begin{tabular}{l" + "r" * len(proxies) + "}",
+        f"% {t.caption}",
+        r"\begin{tabular}{l" + "r" * len(t.columns) + "}",
         r"\toprule",
-        "Domain & " + " & ".join(_tex(p) for p in proxies) + r" \\",
+        f"{t.index_label} & " + " & ".join(_tex(c) for c in t.labels) + r" \\",
         r"\midrule",
     ]
-    for d in domains:
-        if d == OOD_MEAN:
+    for label, cells in zip(t.rows, _shown_cells(t)):
+        if label in t.rule_before:
             lines.append(r"\midrule")
-        vals = [cell.get((d, p), float("nan")) for p in proxies]
-        bold = _bold_mask(vals)
-        cells = [
-            (rf"\textbf{{{_fmt(v)}}}" if b else _fmt(v)) if math.isfinite(v) else "--"
-            for v, b in zip(vals, bold)
-        ]
-        lines.append(_tex(domain_label(d)) + " & " + " & ".join(cells) + r" \\")
+        text = [(rf"\textbf{{{s}}}" if b else s) if s != "n/a" else "--" for s, b, _ in cells]
+        lines.append(_tex(label) + " & " + " & ".join(text) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
+
+
+def table_frame(t: PaperTable) -> pl.DataFrame:
+    """The table as a wide frame: the index column, then one float column per column."""
+    data: dict[str, list] = {t.index: list(t.rows)}
+    for j, c in enumerate(t.columns):
+        data[c] = [float(row[j]) for row in t.values]
+    return pl.DataFrame(data, schema={t.index: pl.Utf8, **{c: pl.Float64 for c in t.columns}})
+
+
+def _cells(corr: pl.DataFrame, stat: str) -> tuple[list[str], list[str], dict[tuple[str, str], float]]:
+    _check_columns(corr.columns, ("domain", "proxy", stat), "correlations table")
+    domains = sorted(set(corr["domain"].to_list()), key=domain_sort_key)
+    proxies = sorted(set(corr["proxy"].to_list()), key=proxy_sort_key)
+    cell = {
+        (d, p): (float("nan") if v is None else float(v))
+        for d, p, v in corr.select("domain", "proxy", stat).iter_rows()
+    }
+    return domains, proxies, cell
+
+
+def _table_layout(corr: pl.DataFrame) -> tuple[list[str], list[str], dict[tuple[str, str], float]]:
+    return _cells(corr, "pearson_r")
+
+
+def _n_text(corr: pl.DataFrame) -> str:
+    sel = corr.filter(pl.col("domain") != OOD_MEAN) if "n_mixtures" in corr.columns else None
+    if sel is None or sel.height == 0:
+        return "n = ? mixtures"
+    lo, hi = int(sel["n_mixtures"].min()), int(sel["n_mixtures"].max())
+    return f"n = {hi} mixtures" if lo == hi else f"n = {lo}-{hi} mixtures (varies by cell)"
+
+
+def _domain_by_proxy(corr: pl.DataFrame, stat: str, caption_text: str) -> PaperTable:
+    domains, proxies, cell = _cells(corr, stat)
+    return PaperTable(
+        caption=caption_text, index="domain", index_label="Domain",
+        rows=tuple(domain_label(d) for d in domains), columns=tuple(proxies), labels=tuple(proxies),
+        values=tuple(tuple(cell.get((d, p), float("nan")) for p in proxies) for d in domains),
+        formats=("f3",) * len(proxies), bold="row", rule_before=frozenset({domain_label(OOD_MEAN)}),
+    )
+
+
+def caption(corr: pl.DataFrame) -> str:
+    """Table 2's caption line."""
+    return (
+        f"Table 2: Pearson r across mixtures ({_n_text(corr)}) between the seq model's "
+        "perplexity and each proxy's perplexity, per evaluation domain; "
+        "best (highest) r per row in bold."
+    )
+
+
+def table2(corr: pl.DataFrame) -> PaperTable:
+    """The paper's Table 2: Pearson r, evaluation domains x proxies.
+
+    Rows: OOD domains (sorted), ``in-domain``, ``OOD mean``; columns: merge
+    methods present, then ``mean_ind``, ``ind_id``; the row maximum in bold.
+    """
+    return _domain_by_proxy(corr, "pearson_r", caption(corr))
+
+
+def table4(corr: pl.DataFrame) -> PaperTable:
+    """Table 4 as built here: pairwise decision accuracy, evaluation domains x proxies.
+
+    Same layout as Table 2, with the share of mixture pairs each proxy orders
+    as the seq models do (:func:`pairwise_accuracy`); the caption says this
+    statistic was chosen here (the paper's own Table 4 was not at hand).
+    """
+    pairs = corr.filter(pl.col("domain") != OOD_MEAN)["n_pairs"] if "n_pairs" in corr.columns else None
+    n = "n = ? pairs" if pairs is None or pairs.len() == 0 else (
+        f"n = {pairs.max()} pairs" if pairs.min() == pairs.max() else f"n = {pairs.min()}-{pairs.max()} pairs")
+    text = (
+        "Table 4 (Table 2's layout, statistic chosen here): pairwise decision accuracy, the share of "
+        f"mixture pairs ({n}) that the proxy orders as the seq models do, per evaluation domain "
+        "(pairs tied in seq ppl left out, proxy ties count 0.5, chance is 0.5); "
+        "best (highest) per row in bold."
+    )
+    return _domain_by_proxy(corr, "pairwise_acc", text)
+
+
+#: Table 3's columns: (csv name, header, domain row read, statistic, format, better)
+TABLE3_COLUMNS: tuple[tuple[str, str, str, str, str, str], ...] = (
+    ("ood_pearson_r", "OOD r", OOD_MEAN, "pearson_r", "f3", "max"),
+    ("ood_spearman_rho", "OOD rho", OOD_MEAN, "spearman_rho", "f3", "max"),
+    ("ood_pairwise_acc", "OOD pair acc.", OOD_MEAN, "pairwise_acc", "f3", "max"),
+    ("ood_top1", "OOD top-1", OOD_MEAN, "top1", "f3", "max"),
+    ("ood_median_true_rank", "OOD median rank", OOD_MEAN, "median_true_rank", "rank", "min"),
+    ("id_pearson_r", "ID r", IN_DOMAIN, "pearson_r", "f3", "max"),
+    ("id_pairwise_acc", "ID pair acc.", IN_DOMAIN, "pairwise_acc", "f3", "max"),
+    ("id_true_rank", "ID rank", IN_DOMAIN, "true_rank", "rank", "min"),
+)
+
+
+def table3(corr: pl.DataFrame) -> PaperTable:
+    """Table 3 (paper sections 5.2-5.3 style): one summary row per proxy.
+
+    Over the OOD domains: mean Pearson r, mean Spearman rho, mean pairwise
+    accuracy, top-1 (the share of OOD domains where the proxy's lowest-ppl
+    mixture is the seq models' best) and the median true rank of that pick;
+    then Pearson r, pairwise accuracy and the pick's true rank on the
+    in-domain set.  The best value of each column in bold.
+    """
+    _check_columns(corr.columns, ("domain", "proxy", *{c[3] for c in TABLE3_COLUMNS}), "correlations table")
+    proxies = sorted(set(corr["proxy"].to_list()), key=proxy_sort_key)
+    look = {(r["domain"], r["proxy"]): r for r in corr.iter_rows(named=True)}
+
+    def value(domain: str, proxy: str, stat: str) -> float:
+        v = look.get((domain, proxy), {}).get(stat)
+        return float("nan") if v is None else float(v)
+
+    n_ood = corr.filter(pl.col("domain_kind") == "ood")["domain"].n_unique() if "domain_kind" in corr.columns else 0
+    text = (
+        f"Table 3: how well each proxy ranks mixtures ({_n_text(corr)}): over the {n_ood} OOD domain(s), "
+        "mean Pearson r, Spearman rho and pairwise decision accuracy, top-1 (share of OOD domains where the "
+        "proxy's lowest-ppl mixture has the lowest seq ppl) and the median true rank of that mixture "
+        "(1 = best); then r, pairwise accuracy and true rank in domain; best per column in bold."
+    )
+    return PaperTable(
+        caption=text, index="proxy", index_label="Proxy", rows=tuple(proxies),
+        columns=tuple(c[0] for c in TABLE3_COLUMNS), labels=tuple(c[1] for c in TABLE3_COLUMNS),
+        values=tuple(tuple(value(c[2], p, c[3]) for c in TABLE3_COLUMNS) for p in proxies),
+        formats=tuple(c[4] for c in TABLE3_COLUMNS), bold="column",
+        better=tuple(c[5] for c in TABLE3_COLUMNS),
+    )
+
+
+def markdown_table(corr: pl.DataFrame) -> str:
+    """Markdown version of the paper's Table 2 (caption line, then the table)."""
+    return table_markdown(table2(corr))
+
+
+def wide_table(corr: pl.DataFrame) -> pl.DataFrame:
+    """Table 2 as a wide frame: ``domain`` then one Pearson-r column per proxy."""
+    return table_frame(table2(corr))
+
+
+def latex_table(corr: pl.DataFrame) -> str:
+    """Table 2 as a booktabs LaTeX tabular (needs ``\\usepackage{booktabs}``)."""
+    return table_latex(table2(corr))
+
+
+#: the paper-shaped tables written under results/tables/, by file stem
+TABLES = {"table2": table2, "table3": table3, "table4": table4}
 
 
 # --------------------------------------------------------------------------
@@ -630,10 +899,12 @@ def write_outputs(scores: pl.DataFrame, corr: pl.DataFrame, out_dir: str | os.Pa
     outputs = {
         out_dir / "proxy_scores.csv": csv_text(scores),
         out_dir / "correlations.csv": csv_text(corr),
-        tables / "table2.md": markdown_table(corr),
-        tables / "table2.csv": csv_text(wide_table(corr)),
-        tables / "table2.tex": latex_table(corr),
     }
+    for stem, build in TABLES.items():
+        table = build(corr)
+        outputs[tables / f"{stem}.md"] = table_markdown(table)
+        outputs[tables / f"{stem}.csv"] = csv_text(table_frame(table))
+        outputs[tables / f"{stem}.tex"] = table_latex(table)
     changed = []
     for path, text in outputs.items():
         if write_if_changed(path, text):
@@ -653,7 +924,7 @@ def _split_list(values: Sequence[str] | None) -> list[str] | None:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m mergemix.analyze",
-        description="Correlate proxy perplexities with seq-model perplexities (Table 2).",
+        description="Score proxy perplexities against seq-model perplexities (Tables 2-4).",
     )
     ap.add_argument("--perplexity", required=True, help="perplexity.csv (one row per model x domain)")
     ap.add_argument("--out-dir", required=True, help="directory for proxy_scores.csv, correlations.csv, tables/")

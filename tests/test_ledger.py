@@ -1,0 +1,194 @@
+"""Tests for mergemix.ledger on hand-written benchmark TSVs and checkpoint sidecars.
+
+Every expected number is worked out by hand from the literal seconds and token counts
+written below, never by calling the code under test.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+
+import pytest
+
+from mergemix import ledger
+
+HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+
+# benchmark path under results/benchmarks -> wall seconds of each row (repeats give several rows)
+BENCHMARKS = {
+    "train/seed.tsv": [100.0],
+    "train/unit/docs/a/0.tsv": [10.0],
+    "train/unit/docs/b/0.tsv": [12.0],
+    "train/unit/docs/c/0.tsv": [13.0, 15.0],  # benchmarked twice: mean 14
+    "train/seq/a+b.tsv": [30.0],
+    "train/seq/a+c.tsv": [34.0],
+    "evaluate/seed.tsv": [1.0],
+    "evaluate/unit/a/0.tsv": [2.0],
+    "evaluate/seq/a+b.tsv": [5.0],
+    "evaluate/seq/a+c.tsv": [7.0],
+    "evaluate/merged/micro/b/0.tsv": [3.0],
+    "evaluate/merged/micro/c/0.tsv": [5.0],
+}
+# checkpoint folder under work/models -> (tokens, data-parallel ranks)
+SIDECARS = {
+    "seed": (1000, 1),
+    "unit/docs/a/0": (100, 1),
+    "unit/docs/b/0": (100, 1),
+    "unit/docs/c/0": (100, 1),
+    "seq/a+b": (200, 2),
+    "seq/a+c": (200, 1),
+}
+
+
+def write_study(root):
+    bench = root / "results" / "benchmarks"
+    for rel, seconds in BENCHMARKS.items():
+        path = bench / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(HEADER + "".join(f"{s:.2f}\t0:00:00\t1\t1\t1\t1\t0\t0\t0\t{s}\n" for s in seconds))
+    models = root / "work" / "models"
+    for rel, (tokens, ranks) in SIDECARS.items():
+        path = models / rel / "mergemix.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"kind": rel.split("/")[0], "tokens": tokens,
+                                    "hardware": {"world_size": ranks}}))
+    return bench, models
+
+
+def read_rows(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def pick(rows, section, approach, item):
+    (row,) = [r for r in rows if r["section"] == section and r["approach"] == approach
+              and r["item"].startswith(item)]
+    return row
+
+
+def test_paths_map_to_stages_and_models():
+    assert ledger.benchmark_stage("results/benchmarks/train/unit/docs/a/0.tsv") == ("unit_train", "docs/a/0")
+    assert ledger.benchmark_stage("x/benchmarks/train/seq/a+b.tsv") == ("seq_train", "a+b")
+    assert ledger.benchmark_stage("benchmarks/evaluate/merged/micro/b/0.tsv") == ("merged_eval", "micro/b/0")
+    assert ledger.benchmark_stage("benchmarks/evaluate/ind/gamma.tsv") == ("ind_eval", "gamma")
+    assert ledger.benchmark_stage("benchmarks/merge/macro/a+b.tsv") == ("merge_write", "macro/a+b")
+    assert ledger.benchmark_stage("benchmarks/engine/micro/b/0.csv") is None
+    assert ledger.benchmark_stage("benchmarks/train/other.tsv") is None
+    assert ledger.sidecar_model("work/models/unit/docs/a/0/mergemix.json") == ("unit", "docs/a/0")
+    assert ledger.sidecar_model("work/models/seed/mergemix.json") == ("seed", "seed")
+    assert ledger.sidecar_model("work/models/merged/micro/a+b/mergemix.json") is None
+
+
+def test_ledger_by_hand(tmp_path):
+    bench, models = write_study(tmp_path)
+    files = [bench / rel for rel in BENCHMARKS] + [models / rel / "mergemix.json" for rel in SIDECARS]
+    out = tmp_path / "tables"
+    # a study of 4 partitions (C(4, 2) = 6 candidates) that scores 3 mixtures, 2 with seq models
+    argv = [*map(str, files), "--partitions", "4", "--k", "2", "--mixtures", "3", "--out-dir", str(out), "-q"]
+    assert ledger.main(argv) == 0
+    rows = read_rows(out / "efficiency.csv")
+
+    units = pick(rows, "measured", "modular", "unit models")
+    assert (units["jobs"], units["seconds"], units["tokens"]) == ("3", "36.00", "300")  # 10 + 12 + 14
+    seq = pick(rows, "measured", "seq", "seq models trained")
+    # a+b ran on 2 ranks: 30 x 2 + 34 rank-seconds
+    assert (seq["jobs"], seq["seconds"], seq["rank_seconds"], seq["tokens"]) == ("2", "64.00", "94.00", "400")
+    assert pick(rows, "measured", "shared", "seed pretraining")["tokens"] == "1000"
+    assert pick(rows, "measured", "modular", "merged models scored")["seconds"] == "8.00"
+    assert pick(rows, "measured", "baseline", "unit and ind models scored")["seconds"] == "2.00"
+    assert pick(rows, "measured", "seq", "seq models scored")["tokens"] == ""
+
+    # studied: 3 mixtures, seq models for 2 -> the seq side is the mean per model x 3
+    assert pick(rows, "studied", "modular", "total")["seconds"] == "44.00"  # 36 + 8
+    s_train = pick(rows, "studied", "seq", "training")
+    assert (s_train["basis"], s_train["seconds"], s_train["rank_seconds"], s_train["tokens"]) == (
+        "projected", "96.00", "141.00", "600")  # 32 x 3, 47 x 3, 200 x 3
+    assert pick(rows, "studied", "seq", "scoring")["seconds"] == "18.00"  # 6 x 3
+    assert pick(rows, "studied", "seq", "total")["seconds"] == "114.00"
+
+    # all 6 candidates: units do not grow; merged scoring 8/3 s per mixture x 6 = 16 s
+    a_unit = pick(rows, "all candidates", "modular", "training")
+    assert (a_unit["mixtures"], a_unit["seconds"], a_unit["tokens"]) == ("6", "36.00", "300")
+    assert pick(rows, "all candidates", "modular", "scoring")["seconds"] == "16.00"
+    assert pick(rows, "all candidates", "modular", "total")["seconds"] == "52.00"
+    assert pick(rows, "all candidates", "seq", "training")["seconds"] == "192.00"
+    assert pick(rows, "all candidates", "seq", "training")["tokens"] == "1200"
+    assert pick(rows, "all candidates", "seq", "total")["seconds"] == "228.00"  # 192 + 6 x 6
+
+    md = (out / "efficiency.md").read_text()
+    caption = md.splitlines()[0]
+    assert caption.startswith("Efficiency")
+    # training 96 / 36, with scoring 114 / 44; all candidates 192 / 36 and 228 / 52
+    for ratio in ("training 2.67, with scoring 2.59", "C(4, 2) = 6", "training 5.33, with scoring 4.38"):
+        assert ratio in caption, ratio
+    assert "| all candidates | total | seq | projected |  | 228.0 | 0.063 | " in md
+
+
+def test_defaults_read_from_the_files(tmp_path):
+    bench, models = write_study(tmp_path)
+    stages = ledger.measure(*ledger.collect_paths([bench, models]))
+    rows = ledger.ledger(stages)
+    # 3 partitions among the units, seq mixtures of size 2, and 2 of them: C(3, 2) = 3
+    studied = pick(rows, "studied", "seq", "training")
+    assert studied["mixtures"] == 2 and studied["basis"] == "measured" and studied["seconds"] == 64.0
+    allc = pick(rows, "all candidates", "seq", "training")
+    assert allc["mixtures"] == 3 and allc["seconds"] == pytest.approx(96.0) and allc["basis"] == "projected"
+    # a study that trained a seq model for every candidate: nothing is projected
+    rows = ledger.ledger(stages, partitions=2, k=1, mixtures=2)
+    assert {r["basis"] for r in rows if r["section"] == "all candidates"} == {"measured"}
+    assert pick(rows, "all candidates", "seq", "total")["seconds"] == 64.0 + 12.0
+
+
+def test_missing_sidecar_counts_time_not_tokens(tmp_path, caplog):
+    bench, models = write_study(tmp_path)
+    (models / "seq/a+c/mergemix.json").unlink()
+    stages = ledger.measure(*ledger.collect_paths([bench, models]))
+    assert stages["seq_train"].seconds == 64.0 and stages["seq_train"].tokens == 200
+    assert "a+c" in caplog.text
+
+
+def test_bad_files_are_named(tmp_path, capsys):
+    bench, models = write_study(tmp_path)
+    bad = bench / "train/seq/a+b.tsv"
+    bad.write_text("seconds\n3\n")
+    with pytest.raises(ledger.LedgerError, match=r"a\+b.tsv: not a Snakemake benchmark"):
+        ledger.read_benchmark(bad)
+    bad.write_text(HEADER + "NA\t0\t0\t0\t0\t0\t0\t0\t0\t0\n")
+    with pytest.raises(ledger.LedgerError, match="not a number"):
+        ledger.read_benchmark(bad)
+    side = models / "seq/a+c/mergemix.json"
+    side.write_text(json.dumps({"kind": "seq"}))
+    with pytest.raises(ledger.LedgerError, match="no 'tokens' count"):
+        ledger.read_sidecar(side)
+    stray = tmp_path / "notes.txt"
+    stray.write_text("x")
+    assert ledger.main([str(stray), "--out-dir", str(tmp_path / "out")]) == 1
+    assert "neither a benchmark" in capsys.readouterr().err
+    assert ledger.main([str(tmp_path / "nothing"), "--out-dir", str(tmp_path / "out")]) == 1
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_no_seq_models_leaves_the_seq_side_blank(tmp_path):
+    bench, models = write_study(tmp_path)
+    files = [p for p in bench.rglob("*.tsv") if "/seq/" not in p.as_posix()]
+    rows = ledger.ledger(ledger.measure(files, []), partitions=3, k=2, mixtures=3)
+    assert math.isnan(pick(rows, "studied", "seq", "training")["seconds"])
+    assert "n/a" in ledger.ledger_markdown(rows, 3, 2).splitlines()[0]
+    assert ",,," in ledger.ledger_csv(rows).splitlines()[-1]
+
+
+def test_outputs_are_rewritten_only_on_change(tmp_path):
+    bench, models = write_study(tmp_path)
+    out = tmp_path / "tables"
+    argv = [str(bench), str(models), "--out-dir", str(out), "-q"]
+    assert ledger.main(argv) == 0
+    for f in out.iterdir():
+        os.utime(f, (1_000_000_000, 1_000_000_000))
+    assert ledger.main(argv) == 0
+    assert {f.stat().st_mtime for f in out.iterdir()} == {1_000_000_000}
+    (bench / "train/seed.tsv").write_text(HEADER + "101.00\t0\t0\t0\t0\t0\t0\t0\t0\t0\n")
+    assert ledger.main(argv) == 0
+    assert (out / "efficiency.csv").stat().st_mtime != 1_000_000_000
