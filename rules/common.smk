@@ -160,9 +160,17 @@ def seq_unit_flags(wildcards):
 # --- merges ---------------------------------------------------------------------------
 
 
+def merge_dirs(method, partition):
+    """Checkpoints a merge takes from a partition: its ind model for `merged` (paper
+    section 5.2: one model trained on all of the partition's units), else its units."""
+    if method == "merged":
+        return [ind_dir(partition)]
+    return partition_unit_dirs(partition)
+
+
 def get_merge_inputs(wildcards):
     members = mmconfig.mixture_members(wildcards.mixture)
-    dirs = [d for p in members for d in partition_unit_dirs(p)]
+    dirs = [d for p in members for d in merge_dirs(wildcards.method, p)]
     files = [f"{d}/model.safetensors" for d in dirs]
     if wildcards.method == "weighted":
         files.extend(f"{shard('train', PARTITIONS[p], p)}.json" for p in members)
@@ -171,7 +179,7 @@ def get_merge_inputs(wildcards):
 
 def model_flags(method, partitions):
     """--model (and, for weighted merges, --tokens) flags of merge.py and engine.py."""
-    flags = [f"--model {p}={d}" for p in partitions for d in partition_unit_dirs(p)]
+    flags = [f"--model {p}={d}" for p in partitions for d in merge_dirs(method, p)]
     if method == "weighted":
         flags.extend(
             f"--tokens {p}={shard('train', PARTITIONS[p], p)}.json" for p in partitions
@@ -249,10 +257,12 @@ def batch_partitions(wildcards):
 
 
 def get_engine_inputs(wildcards):
-    """Unit models of every partition of the batch, token sidecars, evaluation shards."""
+    """Models of every partition of the batch, token sidecars, evaluation shards."""
     partitions = batch_partitions(wildcards)
     files = [
-        f"{d}/model.safetensors" for p in partitions for d in partition_unit_dirs(p)
+        f"{d}/model.safetensors"
+        for p in partitions
+        for d in merge_dirs(wildcards.method, p)
     ]
     if wildcards.method == "weighted":
         files.extend(f"{shard('train', PARTITIONS[p], p)}.json" for p in partitions)

@@ -50,7 +50,7 @@ def tiny_config(root) -> dict:
     config["train"]["seed_phase"].update(tokens=6000, batch_size=4, warmup_steps=5)
     config["train"]["continued"].update(batch_size=4, warmup_steps=2)
     config["mixtures"].update(k=2, sample=None)
-    config["merge"].update(methods=["micro", "macro", "weighted"])
+    config["merge"].update(methods=["micro", "macro", "weighted", "merged"])
     return config
 
 
@@ -97,8 +97,8 @@ def test_every_model_domain_pair_is_scored_consistently(run):
                              "n_docs", "n_tokens", "n_bytes", "nll_sum", "ppl", "bpb"]
     mixtures = {"alpha+beta", "alpha+gamma", "beta+gamma"}
     kinds = table.group_by("model_kind").agg(pl.col("model_id").n_unique()).sort("model_kind")
-    # seed; unit models of the 1-unit partitions; one ind model (gamma has 2 units); 3 seq; 3 x 3 merged
-    assert dict(kinds.iter_rows()) == {"ind": 1, "merged": 9, "seed": 1, "seq": 3, "unit": 2}
+    # seed; unit models of the 1-unit partitions; one ind model (gamma has 2 units); 3 seq; 4 x 3 merged
+    assert dict(kinds.iter_rows()) == {"ind": 1, "merged": 12, "seed": 1, "seq": 3, "unit": 2}
     assert set(table.filter(pl.col("model_kind") == "seq")["mixture"]) == mixtures
     # ppl and bpb follow from the sums
     for row in table.iter_rows(named=True):
@@ -120,16 +120,19 @@ def test_merges_are_distinct_and_never_written(run):
     table = pl.read_csv(run / "results/perplexity.csv", schema_overrides={"method": pl.Utf8})
     merged = table.filter((pl.col("model_kind") == "merged") & (pl.col("mixture") == "alpha+gamma"))
     by_method = dict(merged.filter(pl.col("domain") == "netdocs").select("method", "nll_sum").iter_rows())
-    # gamma has two units, so micro (1/3 each) and macro (1/2 alpha) are different averages
-    assert by_method["micro"] != by_method["macro"]
+    # gamma has two units, so micro (1/3 each) and macro (1/2 alpha) are different averages,
+    # and merged (alpha's unit model and gamma's ind model, 1/2 each) is a third one
+    assert len({by_method[m] for m in ("micro", "macro", "merged")}) == 3
     # alpha+beta: one unit each, so micro and macro are the same average, scored identically
     ab = table.filter((pl.col("model_kind") == "merged") & (pl.col("mixture") == "alpha+beta") & (pl.col("domain") == "netdocs"))
     ab = dict(ab.select("method", "nll_sum").iter_rows())
     assert ab["micro"] == pytest.approx(ab["macro"], rel=1e-9)
+    # ... and a one-unit partition's ind model is its unit model: merged is that average too
+    assert ab["micro"] == pytest.approx(ab["merged"], rel=1e-9)
     # The engine scored every average in memory: no merged checkpoint was ever written.
     assert not (run / "work/models/merged").exists()
     # Merged rows come in engine batches keyed by the mixture's member listed last.
-    for method in ("micro", "macro", "weighted"):
+    for method in ("micro", "macro", "weighted", "merged"):
         batches = sorted(p.relative_to(run / "results/ppl/merged" / method).as_posix()
                          for p in (run / "results/ppl/merged" / method).rglob("*.csv"))
         assert batches == ["beta/0.csv", "gamma/0.csv"]
@@ -171,7 +174,7 @@ def test_analysis_outputs_have_every_domain_and_proxy(run):
     corr = pl.read_csv(run / "results/correlations.csv")
     domains = set(corr["domain"])
     assert {"netdocs", "seedheld", "in-domain"} <= domains
-    assert {"micro", "macro", "weighted", "mean_ind", "ind_id"} <= set(corr["proxy"])
+    assert {"micro", "macro", "weighted", "merged", "mean_ind", "ind_id"} <= set(corr["proxy"])
     assert (corr.filter(pl.col("domain") == "netdocs")["n_mixtures"] == 3).all()
     # every statistic is there for every domain and proxy of the 3 mixtures (3 pairs)
     assert (corr.filter(pl.col("domain") == "netdocs")["n_pairs"] == 3).all()
@@ -181,7 +184,7 @@ def test_analysis_outputs_have_every_domain_and_proxy(run):
         assert table.startswith(f"Table {n}") and "micro" in table and "ind_id" in table
         assert (run / f"results/tables/table{n}.tex").read_text().count(r"\bottomrule") == 1
         assert "netdocs" in (run / f"results/tables/table{n}.csv").read_text() or n == 3
-    stems = ["figure3", *[f"figure4_{p}" for p in ("micro", "macro", "weighted", "mean_ind", "ind_id")],
+    stems = ["figure3", *[f"figure4_{p}" for p in ("micro", "macro", "weighted", "merged", "mean_ind", "ind_id")],
              *[f"figure{n}" for n in range(5, 10)]]
     for stem in stems:
         for ext in ("png", "pdf"):
@@ -194,11 +197,11 @@ def test_analysis_outputs_have_every_domain_and_proxy(run):
 def test_efficiency_ledger_reads_the_runs_measurements(run):
     rows = pl.read_csv(run / "results/tables/efficiency.csv")
     measured = {r["item"]: r for r in rows.filter(pl.col("section") == "measured").iter_rows(named=True)}
-    # 4 unit models (gamma has 2), 1 ind model (gamma), 3 seq models, 2 engine batches x 3 methods
+    # 4 unit models (gamma has 2), 1 ind model (gamma), 3 seq models, 2 engine batches x 4 methods
     assert measured["unit models trained"]["jobs"] == 4
     assert measured["ind models trained (several-unit partitions)"]["jobs"] == 1
     assert measured["seq models trained"]["jobs"] == 3
-    assert measured["merged models scored (engine batches)"]["jobs"] == 6
+    assert measured["merged models scored (engine batches)"]["jobs"] == 8
     # tokens are the sidecars' counts, which never exceed a unit (1500 tokens)
     unit_tokens = [json.loads((run / f"work/models/unit/docs/{u}/mergemix.json").read_text())["tokens"]
                    for u in ("alpha/0", "beta/0", "gamma/0", "gamma/1")]
@@ -252,7 +255,7 @@ def test_adding_a_partition_plans_only_new_engine_batches(run, tmp_path):
     planned = {word.rstrip(",") for line in done.stdout.splitlines() if line.strip().startswith("output:")
                for word in line.split()[1:]}
     merged = sorted(f for f in planned if f.startswith("results/ppl/merged/"))
-    assert merged == [f"results/ppl/merged/{m}/delta/0.csv" for m in ("macro", "micro", "weighted")]
+    assert merged == [f"results/ppl/merged/{m}/delta/0.csv" for m in ("macro", "merged", "micro", "weighted")]
     # No existing unit or seq model retrains.
     assert not [f for f in planned if f.startswith(("work/models/unit/docs/", "work/models/seq/alpha+beta"))]
     assert "work/models/seq/alpha+delta/model.safetensors" in planned
