@@ -3,6 +3,9 @@
 # Results path scheme (every box of the data flow is a file):
 #   work/raw/{recipe}.parquet                     built-in demo text (+ .manifest.json)
 #   work/partitions/{source}/{partition}.parquet  documents of one partition (seed/, ood/ too)
+#   work/decontaminate/eval_filter.{bin,json}     Bloom filter of the evaluation paragraphs
+#   work/decontaminate/{source}/{partition}.{parquet,json}  partition without contaminated
+#                                                 documents, and its counts
 #   work/tokenizer/                               the tokenizer (trained here or fetched)
 #   work/tokens/{source}/{partition}/{train,heldout}.{bin,idx,json}
 #   work/models/seed/                             the shared seed checkpoint
@@ -16,6 +19,7 @@
 #   results/{correlations,proxy_scores}.csv      statistics per domain and proxy
 #   results/tables/table{2,3,4}.{md,csv,tex}      the paper's Tables 2-4 (rule analyze)
 #   results/tables/efficiency.{csv,md}            measured compute, modular vs. seq (rule efficiency)
+#   results/tables/decontamination.{csv,md}       documents removed per partition
 #   results/figures/figure{3..9}*.{png,pdf}       the paper's Figures 3-9 (rule figures)
 #   results/benchmarks/                           time and memory of every train/eval job
 #   snakemake --report results/report.html        the figures and tables in one page (report/)
@@ -44,6 +48,7 @@ wildcard_constraints:
 
 
 include: "rules/corpus.smk"
+include: "rules/decontaminate.smk"
 include: "rules/tokenize.smk"
 include: "rules/train.smk"
 include: "rules/merge.smk"
@@ -59,3 +64,4 @@ rule all:
         rules.analyze.output,
         rules.figures.output,
         rules.efficiency.output,
+        DECONTAMINATION_TABLE,

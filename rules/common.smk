@@ -107,6 +107,47 @@ def partition_spec(wildcards):
     return json_flag(spec)
 
 
+# --- decontamination ------------------------------------------------------------------
+
+DECONTAMINATE = config["decontaminate"]
+EVAL_FILTER = "work/decontaminate/eval_filter"
+# The decontamination table is a target only when decontamination is on.
+DECONTAMINATION_TABLE = (
+    ["results/tables/decontamination.csv", "results/tables/decontamination.md"]
+    if DECONTAMINATE["enabled"]
+    else []
+)
+
+
+def eval_filter_sets():
+    """(--eval flag NAME:HELDOUT_FRACTION:SEED:PATH, partition file) of each set checked
+    against: an OOD set's whole file, or the seed corpus's held-out split."""
+    out = []
+    for name in DECONTAMINATE["against"]:
+        path, fraction = f"work/partitions/ood/{name}.parquet", 1
+        if "seed_heldout" in config["eval"]["ood"][name]["load"]:
+            path = "work/partitions/seed/seed.parquet"
+            fraction = config["seed"]["heldout_fraction"]
+        out.append((f"{name}:{fraction}:{config['random_seed']}:{path}", path))
+    return out
+
+
+def get_eval_filter_inputs(wildcards):
+    return list(dict.fromkeys(path for _, path in eval_filter_sets()))
+
+
+def eval_filter_flags(wildcards):
+    return " ".join(f"--eval {flag}" for flag, _ in eval_filter_sets())
+
+
+def shard_docs(wildcards):
+    """Documents a shards job cuts: a source partition's decontaminated copy when enabled
+    (the seed corpus is not decontaminated: docs/decontamination.md says why)."""
+    if DECONTAMINATE["enabled"] and wildcards.group != "seed":
+        return f"work/decontaminate/{wildcards.group}/{wildcards.name}.parquet"
+    return f"work/partitions/{wildcards.group}/{wildcards.name}.parquet"
+
+
 # --- tokens and units -----------------------------------------------------------------
 
 

@@ -31,7 +31,7 @@ rule tokenizer:
 rule shards:
     """Split a partition (or the seed corpus) into train / held-out token shards."""
     input:
-        docs="work/partitions/{group}/{name}.parquet",
+        docs=shard_docs,
         tokenizer="work/tokenizer/tokenizer.json",
     output:
         multiext(TRAIN_SHARD, ".bin", ".idx", ".json"),

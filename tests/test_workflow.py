@@ -44,6 +44,7 @@ def tiny_config(root) -> dict:
              "seedheld": {"load": {"seed_heldout": True}, "text_column": "body"}},
         max_docs=40, max_tokens=3000, max_tokens_id=1500, batch_size=8,
     )
+    config["decontaminate"].update(against=["netdocs", "seedheld"])
     config["tokenizer"].update(vocab_size=512, segment_chars=1500)
     config["model"].update(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, context_length=32)
     config["train"].update(unit_tokens=1500)

@@ -91,6 +91,16 @@ def _check_semantics(config: dict[str, Any]) -> None:
                 )
         if len(set(mixture)) != len(mixture):
             raise ConfigError(f"mixtures.include[{i}] repeats a partition: {mixture}")
+    decontaminate = config["decontaminate"]
+    if decontaminate["enabled"]:
+        if not decontaminate["against"]:
+            raise ConfigError("decontaminate.against is empty: list the eval.ood sets to check against, or set decontaminate.enabled: false")
+        for name in decontaminate["against"]:
+            if name not in config["eval"]["ood"]:
+                raise ConfigError(
+                    f"decontaminate.against names '{name}', which is not an eval.ood set: known sets are "
+                    f"{', '.join(sorted(config['eval']['ood'])) or 'none'}"
+                )
     k = config["mixtures"]["k"]
     if k > len(owner):
         raise ConfigError(f"mixtures.k is {k} but only {len(owner)} partitions are configured: lower mixtures.k")
