@@ -227,7 +227,11 @@ def build_filter(sets: list[EvalSet], min_tokens: int, false_positive_rate: floa
 
 
 def contaminated(texts: list[str], bloom: BloomFilter, min_tokens: int) -> tuple[np.ndarray, dict, list[dict]]:
-    """(bool per document: remove it, counts, up to EXAMPLES removed documents with a hit)."""
+    """(bool per document: remove it, counts, examples).
+
+    Examples are up to EXAMPLES removed documents, each as its row in `texts` and the
+    normalised words of its first paragraph found in the filter.
+    """
     owner, keys = [], []
     for i, text in enumerate(texts):
         found = paragraph_keys(text, min_tokens)
