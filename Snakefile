@@ -21,7 +21,12 @@
 #   snakemake --report results/report.html        the figures and tables in one page (report/)
 
 
-configfile: "config.yaml"
+# config.yaml is the default study only: Snakemake deep-merges every --configfile into a
+# `configfile:` it has read, which would mix the demo's sources into any other study. So
+# `snakemake --configfile configs/X.yaml` runs exactly X (configs/README.md).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
 
 
 report: "report/workflow.rst"
