@@ -56,6 +56,11 @@ include: "rules/evaluate.smk"
 include: "rules/analyze.smk"
 
 
+if TRANSFER:
+
+    include: "rules/transfer.smk"
+
+
 rule all:
     """The demo's deliverables: the tidy table, statistics, tables, figures and efficiency."""
     default_target: True
@@ -64,3 +69,4 @@ rule all:
         rules.analyze.output,
         rules.figures.output,
         rules.efficiency.output,
+        TRANSFER_TARGETS,
