@@ -4,6 +4,7 @@ All logic of substance lives in the `mergemix` package; this file only turns con
 into file paths and command-line flags.
 """
 
+import glob
 import importlib.util
 import json
 import shlex
@@ -80,15 +81,17 @@ def load_spec(group, name):
 
 
 def get_raw_inputs(wildcards):
-    """Files a partition job reads: a demo recipe's parquet, or the user's local files."""
+    """Files a partition job reads: a demo recipe's parquet, or the user's local files
+    (glob patterns expanded to the files they match; remote files are not inputs)."""
     load = load_spec(wildcards.group, wildcards.name)["load"]
     if "demo" in load:
         return [f"work/raw/{load['demo']}.parquet"]
-    return [
-        f
-        for f in load.get("data_files") or []
-        if not f.startswith(("hf://", "http://", "https://"))
-    ]
+    files = []
+    for f in load.get("data_files") or []:
+        if f.startswith(("hf://", "http://", "https://")):
+            continue
+        files.extend(sorted(glob.glob(f)) if set("*?[") & set(f) else [f])
+    return files
 
 
 def partition_spec(wildcards):
