@@ -9,6 +9,7 @@
 #   work/models/unit/{source}/{partition}/{unit}/ one checkpoint per base unit
 #   work/models/{ind/{partition},seq/{mixture}}/  ind and seq checkpoints
 #   work/models/merged/{method}/{mixture}/        a parameter average, only when asked for
+#   work/models/{seed_large,seq_large/{mixture}}/ size transfer models (only with `transfer`)
 #   results/ppl/{kind}/{model}.csv                perplexity rows per model
 #   results/ppl/merged/{method}/{anchor}/{chunk}.csv  rows of a batch of merged models, scored
 #                                                 in memory by one engine job (no checkpoint)
@@ -18,6 +19,7 @@
 #   results/tables/efficiency.{csv,md}            measured compute, modular vs. seq (rule efficiency)
 #   results/figures/figure{3..9}*.{png,pdf}       the paper's Figures 3-9 (rule figures)
 #   results/benchmarks/                           time and memory of every train/eval job
+#   results/transfer/                             the analysis with large seq models as the truth
 #   snakemake --report results/report.html        the figures and tables in one page (report/)
 
 
