@@ -12,6 +12,7 @@
 #   work/models/unit/{source}/{partition}/{unit}/ one checkpoint per base unit
 #   work/models/{ind/{partition},seq/{mixture}}/  ind and seq checkpoints
 #   work/models/merged/{method}/{mixture}/        a parameter average, only when asked for
+#   work/models/{seed_large,seq_large/{mixture}}/ size transfer models (only with `transfer`)
 #   results/ppl/{kind}/{model}.csv                perplexity rows per model
 #   results/ppl/merged/{method}/{anchor}/{chunk}.csv  rows of a batch of merged models, scored
 #                                                 in memory by one engine job (no checkpoint)
@@ -22,10 +23,16 @@
 #   results/tables/decontamination.{csv,md}       documents removed per partition
 #   results/figures/figure{3..9}*.{png,pdf}       the paper's Figures 3-9 (rule figures)
 #   results/benchmarks/                           time and memory of every train/eval job
+#   results/transfer/                             the analysis with large seq models as the truth
 #   snakemake --report results/report.html        the figures and tables in one page (report/)
 
 
-configfile: "config.yaml"
+# config.yaml is the default study only: Snakemake deep-merges every --configfile into a
+# `configfile:` it has read, which would mix the demo's sources into any other study. So
+# `snakemake --configfile configs/X.yaml` runs exactly X (configs/README.md).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
 
 
 report: "report/workflow.rst"
@@ -56,6 +63,11 @@ include: "rules/evaluate.smk"
 include: "rules/analyze.smk"
 
 
+if TRANSFER:
+
+    include: "rules/transfer.smk"
+
+
 rule all:
     """The demo's deliverables: the tidy table, statistics, tables, figures and efficiency."""
     default_target: True
@@ -65,3 +77,4 @@ rule all:
         rules.figures.output,
         rules.efficiency.output,
         DECONTAMINATION_TABLE,
+        TRANSFER_TARGETS,

@@ -4,6 +4,7 @@ All logic of substance lives in the `mergemix` package; this file only turns con
 into file paths and command-line flags.
 """
 
+import glob
 import importlib.util
 import json
 import shlex
@@ -25,6 +26,9 @@ SEQ_MIXTURES = mmconfig.seq_mixtures(config, MIXTURES)
 # why batches are keyed by the member listed last: growing the study adds batches
 # instead of changing old ones).
 BATCHES = mmconfig.mixture_batches(config, MIXTURES)
+# Mixtures with a large seq model (paper 5.4 size transfer; none without `transfer`).
+TRANSFER = config.get("transfer")
+TRANSFER_MIXTURES = mmconfig.transfer_mixtures(config, MIXTURES)
 OOD = list(config["eval"]["ood"])
 SEED_PRETRAINED = config["seed"]["pretrained"]
 TRAIN_SHARD = "work/tokens/{group}/{name}/train"
@@ -77,15 +81,17 @@ def load_spec(group, name):
 
 
 def get_raw_inputs(wildcards):
-    """Files a partition job reads: a demo recipe's parquet, or the user's local files."""
+    """Files a partition job reads: a demo recipe's parquet, or the user's local files
+    (glob patterns expanded to the files they match; remote files are not inputs)."""
     load = load_spec(wildcards.group, wildcards.name)["load"]
     if "demo" in load:
         return [f"work/raw/{load['demo']}.parquet"]
-    return [
-        f
-        for f in load.get("data_files") or []
-        if not f.startswith(("hf://", "http://", "https://"))
-    ]
+    files = []
+    for f in load.get("data_files") or []:
+        if f.startswith(("hf://", "http://", "https://")):
+            continue
+        files.extend(sorted(glob.glob(f)) if set("*?[") & set(f) else [f])
+    return files
 
 
 def partition_spec(wildcards):
@@ -209,19 +215,30 @@ def merge_dirs(method, partition):
     return partition_unit_dirs(partition)
 
 
+# merge.weights: user weights of the weighted method, replacing token counts.
+USER_WEIGHTS = config["merge"].get("weights", {})
+
+
+def token_files(method, partitions):
+    """Token sidecars a merge reads: only weighted merges without user weights need them."""
+    if method != "weighted" or USER_WEIGHTS:
+        return []
+    return [f"{shard('train', PARTITIONS[p], p)}.json" for p in partitions]
+
+
 def get_merge_inputs(wildcards):
     members = mmconfig.mixture_members(wildcards.mixture)
     dirs = [d for p in members for d in merge_dirs(wildcards.method, p)]
     files = [f"{d}/model.safetensors" for d in dirs]
-    if wildcards.method == "weighted":
-        files.extend(f"{shard('train', PARTITIONS[p], p)}.json" for p in members)
-    return files
+    return files + token_files(wildcards.method, members)
 
 
 def model_flags(method, partitions):
-    """--model (and, for weighted merges, --tokens) flags of merge.py and engine.py."""
+    """--model (and, for weighted merges, --tokens or --weight) flags of merge.py and engine.py."""
     flags = [f"--model {p}={d}" for p in partitions for d in merge_dirs(method, p)]
-    if method == "weighted":
+    if method == "weighted" and USER_WEIGHTS:
+        flags.extend(f"--weight {p}={USER_WEIGHTS.get(p, 1)}" for p in partitions)
+    elif method == "weighted":
         flags.extend(
             f"--tokens {p}={shard('train', PARTITIONS[p], p)}.json" for p in partitions
         )
@@ -305,9 +322,7 @@ def get_engine_inputs(wildcards):
         for p in partitions
         for d in merge_dirs(wildcards.method, p)
     ]
-    if wildcards.method == "weighted":
-        files.extend(f"{shard('train', PARTITIONS[p], p)}.json" for p in partitions)
-    return files + domain_files(partitions)
+    return files + token_files(wildcards.method, partitions) + domain_files(partitions)
 
 
 def engine_flags(wildcards):
@@ -340,6 +355,18 @@ def all_ppl_csvs():
         for batch in BATCHES
     )
     return out
+
+
+def transfer_ppl_csvs():
+    """The analysis inputs of the size transfer: every CSV of the small study but its seq
+    models', which the large seq models replace as the truth."""
+    small_seq = {f"results/ppl/seq/{m}.csv" for m in SEQ_MIXTURES}
+    out = [f for f in all_ppl_csvs() if f not in small_seq]
+    return out + [f"results/ppl/seq_large/{m}.csv" for m in TRANSFER_MIXTURES]
+
+
+# What `all` adds for a size-transfer study (rules/transfer.smk, included only then).
+TRANSFER_TARGETS = ["results/transfer/correlations.csv"] if TRANSFER else []
 
 
 # --- analysis -------------------------------------------------------------------------

@@ -442,7 +442,6 @@ def test_reproduction_config_plans_alone_in_its_own_folder(tmp_path: Path) -> No
             str(tmp_path / "run"),
             "--configfile",
             "configs/reproduction.yaml",
-            "--replace-workflow-config",
         ],
         cwd=REPO,
         capture_output=True,

@@ -104,15 +104,57 @@ def _check_semantics(config: dict[str, Any]) -> None:
     k = config["mixtures"]["k"]
     if k > len(owner):
         raise ConfigError(f"mixtures.k is {k} but only {len(owner)} partitions are configured: lower mixtures.k")
-    model = config["model"]
+    _check_fixed(config, owner)
+    for partition in config["merge"].get("weights", {}):
+        if partition not in owner:
+            raise ConfigError(
+                f"merge.weights names unknown partition '{partition}': known partitions are {', '.join(sorted(owner))}"
+            )
+    _check_model(config["model"], "model")
+    _check_phases(config["train"], "train")
+    transfer = config.get("transfer")
+    if transfer:
+        _check_model(transfer["model"], "transfer.model")
+        _check_phases(transfer, "transfer")
+
+
+def _check_fixed(config: dict[str, Any], owner: dict[str, str]) -> None:
+    """mixtures.fixed: known partitions, fewer than k, each in every `include` mixture."""
+    spec = config["mixtures"]
+    fixed = fixed_partitions(config)
+    for partition in fixed:
+        if partition not in owner:
+            raise ConfigError(
+                f"mixtures.fixed names unknown partition '{partition}': known partitions are {', '.join(sorted(owner))}"
+            )
+    if not fixed:
+        return
+    if len(fixed) >= spec["k"]:
+        raise ConfigError(
+            f"mixtures.fixed lists {len(fixed)} partition(s) but mixtures.k is {spec['k']}: "
+            "raise k so that every mixture also has a partition that varies"
+        )
+    for i, mixture in enumerate(spec["include"]):
+        missing = [p for p in fixed if p not in mixture]
+        if missing:
+            raise ConfigError(
+                f"mixtures.include[{i}] lacks the fixed partition '{missing[0]}': every studied mixture "
+                "contains mixtures.fixed, so add it or drop the mixture"
+            )
+
+
+def _check_model(model: dict[str, Any], key: str) -> None:
     if model["hidden_size"] % model["num_heads"]:
         raise ConfigError(
-            f"model.hidden_size ({model['hidden_size']}) must be divisible by model.num_heads ({model['num_heads']})"
+            f"{key}.hidden_size ({model['hidden_size']}) must be divisible by {key}.num_heads ({model['num_heads']})"
         )
+
+
+def _check_phases(section: dict[str, Any], key: str) -> None:
     for phase in ("seed_phase", "continued"):
-        section = config["train"][phase]
-        if section["min_lr"] > section["lr"]:
-            raise ConfigError(f"train.{phase}.min_lr ({section['min_lr']}) is larger than train.{phase}.lr ({section['lr']})")
+        lr, min_lr = section[phase]["lr"], section[phase]["min_lr"]
+        if min_lr > lr:
+            raise ConfigError(f"{key}.{phase}.min_lr ({min_lr}) is larger than {key}.{phase}.lr ({lr})")
 
 
 def load(path: str) -> dict[str, Any]:
@@ -158,15 +200,24 @@ def mixture_members(mixture: str) -> list[str]:
     return mixture.split(MIXTURE_SEP)
 
 
+def fixed_partitions(config: dict[str, Any]) -> list[str]:
+    """Partitions every mixture contains (`mixtures.fixed`, absent in older configs)."""
+    return list(config["mixtures"].get("fixed", []))
+
+
 def mixtures(config: dict[str, Any]) -> list[str]:
     """The studied mixtures: a seeded sample (or all) of k-subsets plus `include`.
 
-    The sample depends only on the partition names, k, sample and the seed, so adding
-    a partition later changes the sample; list mixtures under `include` to pin them.
+    With `mixtures.fixed`, every candidate is the fixed partitions plus a
+    (k - len(fixed))-subset of the others (paper A.5: one partition in every mixture,
+    the other varies). The sample depends only on the partition names, k, fixed, sample
+    and the seed, so adding a partition later changes the sample; list mixtures under
+    `include` to pin them.
     """
     spec = config["mixtures"]
-    names = sorted(partitions(config))
-    subsets = [mixture_id(c) for c in itertools.combinations(names, spec["k"])]
+    fixed = fixed_partitions(config)
+    names = sorted(p for p in partitions(config) if p not in fixed)
+    subsets = [mixture_id([*fixed, *c]) for c in itertools.combinations(names, spec["k"] - len(fixed))]
     if spec["sample"] is not None and spec["sample"] < len(subsets):
         subsets = sorted(random.Random(config["random_seed"]).sample(subsets, spec["sample"]))
     chosen = dict.fromkeys(subsets)
@@ -193,11 +244,30 @@ def seq_mixtures(config: dict[str, Any], studied: list[str] | None = None) -> li
     studied = mixtures(config) if studied is None else studied
     if not spec["seq"]:
         return []
-    if spec["seq_sample"] is None or spec["seq_sample"] >= len(studied):
+    return _ranked_sample(config, studied, spec["seq_sample"])
+
+
+def _ranked_sample(config: dict[str, Any], studied: list[str], size: int | None) -> list[str]:
+    """The `size` studied mixtures of smallest seeded hash, plus `include`; all for None."""
+    if size is None or size >= len(studied):
         return list(studied)
     ranked = sorted(studied, key=lambda m: (_draw(config["random_seed"], m), m))
-    chosen = set(ranked[: spec["seq_sample"]]) | {mixture_id(m) for m in spec["include"]}
+    chosen = set(ranked[:size]) | {mixture_id(m) for m in config["mixtures"]["include"]}
     return [m for m in studied if m in chosen]
+
+
+def transfer_mixtures(config: dict[str, Any], studied: list[str] | None = None) -> list[str]:
+    """The mixtures that get a large seq model (paper 5.4 / A.6 size transfer).
+
+    None without `transfer`. Drawn by the same per-mixture hash as `seq_mixtures`, so
+    with transfer.seq_sample <= mixtures.seq_sample every large seq model has a small
+    one beside it, and the two sizes can be compared on the same mixtures.
+    """
+    transfer = config.get("transfer")
+    if not transfer:
+        return []
+    studied = mixtures(config) if studied is None else studied
+    return _ranked_sample(config, studied, transfer["seq_sample"])
 
 
 def mixture_batches(config: dict[str, Any], studied: list[str] | None = None) -> dict[str, list[str]]:

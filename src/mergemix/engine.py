@@ -61,8 +61,8 @@ from mergemix.merge import (
     check_compatible,
     merge_weights,
     parse_pairs,
+    partition_shares,
     require_weights,
-    token_count,
     weighted_sum,
 )
 from mergemix.tokenize import TokenizeError
@@ -174,7 +174,7 @@ class Engine:
 def run(
     method: str,
     jobs: list[MixtureJob],
-    tokens: dict[str, int] | None,
+    tokens: dict[str, float] | None,
     max_docs: int,
     batch_size: int,
     seed: int,
@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", choices=METHODS, required=True)
     parser.add_argument("--model", action="append", default=[], help="PARTITION=CHECKPOINT_DIR (repeatable)")
     parser.add_argument("--tokens", action="append", default=[], help="PARTITION=TOKENS or PARTITION=SHARD_SIDECAR.json (weighted merges)")
+    parser.add_argument("--weight", action="append", default=[], help="PARTITION=WEIGHT: user weights instead of --tokens (weighted merges)")
     parser.add_argument("--mixture", action="append", default=[], help="mixture id, partitions joined by '+' (repeatable)")
     parser.add_argument("--domain", action="append", default=[], help="NAME:KIND:MAX_TOKENS:SHARD_PREFIX (repeatable)")
     parser.add_argument("--out", type=Path, required=True, help="CSV of rows to write")
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         models: dict[str, list[Path]] = {}
         for partition, path in parse_pairs(args.model, "--model"):
             models.setdefault(partition, []).append(Path(path))
-        tokens = {p: token_count(n) for p, n in parse_pairs(args.tokens, "--tokens")}
+        tokens = partition_shares(args.tokens, args.weight)
         domains = [Domain.parse(d) for d in args.domain]
         jobs = plan_batch(args.mixture, models, domains)
         rows, timings = run(args.method, jobs, tokens, args.max_docs, args.batch_size, args.seed, pick_device(args.device))

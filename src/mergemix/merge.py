@@ -1,4 +1,4 @@
-"""Parameter averaging of checkpoints: micro, macro and token-weighted merges.
+"""Parameter averaging of checkpoints: micro, macro, merged and weighted merges.
 
 Every method is a set of per-checkpoint weights (a pure function, `merge_weights`) fed
 to one streaming average (`average`). The average reads tensor by tensor through
@@ -30,13 +30,14 @@ class MergeError(ValueError):
     """Checkpoints that cannot be averaged, with the reason and the culprit named."""
 
 
-def merge_weights(method: str, groups: dict[str, list[str]], tokens: dict[str, int] | None = None) -> dict[str, float]:
+def merge_weights(method: str, groups: dict[str, list[str]], tokens: dict[str, float] | None = None) -> dict[str, float]:
     """Per-checkpoint weights (summing to 1) for a mixture's partitions.
 
     groups: partition -> its checkpoints (unit models, or its one ind model).
     micro: uniform over all checkpoints; macro: uniform over partitions, then over each
-    partition's checkpoints; weighted: partitions in proportion to their token counts;
-    merged: uniform over the given (ind) checkpoints, one per partition.
+    partition's checkpoints; weighted: partitions in proportion to `tokens`, their token
+    counts or the user's weights (`partition_shares`); merged: uniform over the given
+    (ind) checkpoints, one per partition.
     """
     if method not in METHODS:
         raise MergeError(f"unknown merge method '{method}': use one of {', '.join(METHODS)}")
@@ -50,7 +51,7 @@ def merge_weights(method: str, groups: dict[str, list[str]], tokens: dict[str, i
     else:
         missing = [p for p in groups if not tokens or p not in tokens]
         if missing:
-            raise MergeError(f"weighted merge needs the token count of partition '{missing[0]}'")
+            raise MergeError(f"weighted merge needs the token count of partition '{missing[0]}' (or its --weight)")
         total = sum(tokens[p] for p in groups)
         share = {p: tokens[p] / total for p in groups}
     return {ckpt: share[p] / len(members) for p, members in groups.items() for ckpt in members}
@@ -131,7 +132,7 @@ def average(weights: dict[Path, float]) -> dict[str, torch.Tensor]:
     }
 
 
-def merge(method: str, groups: dict[str, list[Path]], out: Path, tokens: dict[str, int] | None = None) -> dict:
+def merge(method: str, groups: dict[str, list[Path]], out: Path, tokens: dict[str, float] | None = None) -> dict:
     """Merge a mixture's checkpoints into a new checkpoint folder at `out`."""
 
     by_name = {str(p): p for members in groups.values() for p in members}
@@ -176,11 +177,37 @@ def token_count(value: str) -> int:
     return int(io.read_json(path)["n_tokens"])
 
 
+def positive_weight(value: str) -> float:
+    """A user weight: a positive finite number."""
+    try:
+        weight = float(value)
+    except ValueError:
+        weight = float("nan")
+    if not (0 < weight < float("inf")):
+        raise MergeError(f"--weight {value}: expected a positive number")
+    return weight
+
+
+def partition_shares(tokens: list[str], weights: list[str]) -> dict[str, float]:
+    """Relative size of each partition in a weighted merge, from --tokens or --weight flags.
+
+    Token counts are the default (the workflow passes each partition's shard sidecar);
+    user weights (config `merge.weights`) replace them. Mixing the two in one merge
+    would weigh partitions on two scales, so it is refused.
+    """
+    if tokens and weights:
+        raise MergeError("give either --tokens or --weight for a weighted merge, not both")
+    if weights:
+        return {p: positive_weight(w) for p, w in parse_pairs(weights, "--weight")}
+    return {p: token_count(n) for p, n in parse_pairs(tokens, "--tokens")}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mergemix.merge", description=__doc__)
     parser.add_argument("--method", choices=METHODS, required=True)
     parser.add_argument("--model", action="append", default=[], help="PARTITION=CHECKPOINT_DIR (repeatable)")
     parser.add_argument("--tokens", action="append", default=[], help="PARTITION=TOKENS or PARTITION=SHARD_SIDECAR.json (weighted merges)")
+    parser.add_argument("--weight", action="append", default=[], help="PARTITION=WEIGHT: user weights instead of --tokens (weighted merges)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -188,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         groups: dict[str, list[Path]] = {}
         for partition, path in parse_pairs(args.model, "--model"):
             groups.setdefault(partition, []).append(Path(path))
-        tokens = {p: token_count(n) for p, n in parse_pairs(args.tokens, "--tokens")}
+        tokens = partition_shares(args.tokens, args.weight)
         sidecar = merge(args.method, groups, args.out, tokens)
         log.info("merged %d checkpoints (%s) into %s", len(sidecar["weights"]), args.method, args.out)
     except (MergeError, mm.CheckpointError) as exc:
