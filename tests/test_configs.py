@@ -85,6 +85,8 @@ def expected_jobs(config: dict) -> dict[str, int]:
     if config.get("transfer"):
         jobs.update(seed_large=1, seq_large=len(large), evaluate_seq_large=len(large), collect_transfer=1,
                     analyze_transfer=1)
+    if config["decontaminate"]["enabled"]:
+        jobs.update(eval_filter=1, decontaminate=len(parts), decontamination_table=1)
     if config["seed"]["pretrained"]:
         jobs["shards"] -= 1
         jobs["partition"] -= 1
