@@ -11,11 +11,13 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 
@@ -99,6 +101,51 @@ def save_tensors(tensors: dict, path: str | Path, metadata: dict[str, str] | Non
             raise
         code = int(found.group(1))
         raise OSError(code, os.strerror(code), str(path)) from exc
+
+
+# Bytes per element of each safetensors dtype name.
+_ELEMENT_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def save_tensors_streamed(layout: dict[str, tuple[str, tuple[int, ...]]], tensors: Iterable[tuple[str, Any]],
+                          path: str | Path, metadata: dict[str, str] | None = None) -> str:
+    """Write a safetensors file one tensor at a time; returns the file's sha256.
+
+    `save_file` needs every tensor in memory at once. Here the header is fixed first from
+    `layout` (name -> (safetensors dtype, shape), in file order) and each tensor's bytes
+    are written as `tensors` yields them, so a merge holds one output tensor, not a whole
+    model. The hash is taken of the bytes as they go out, so the file is not read back.
+    Write failures are raised as OSError naming `path`.
+    """
+    import torch
+
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, (dtype, shape) in layout.items():
+        size = _ELEMENT_SIZE[dtype] * math.prod(shape)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # the format pads the header to 8 bytes with spaces
+    digest = hashlib.sha256()
+    try:
+        with open(path, "wb") as fh:
+            for chunk in (len(blob).to_bytes(8, "little"), blob):
+                fh.write(chunk)
+                digest.update(chunk)
+            for (name, tensor), (expected, (dtype, shape)) in zip(tensors, layout.items(), strict=True):
+                if name != expected or tuple(tensor.shape) != tuple(shape):
+                    raise ValueError(f"tensor '{name}' {tuple(tensor.shape)} does not fit the header's '{expected}' {tuple(shape)}")
+                data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+                if data.nbytes != header[name]["data_offsets"][1] - header[name]["data_offsets"][0]:
+                    raise ValueError(f"tensor '{name}' is not of dtype {dtype}")
+                fh.write(data)
+                digest.update(data)
+    except OSError as exc:
+        if exc.filename is None:  # a failed write() names no file
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
+    return digest.hexdigest()
 
 
 def read_json(path: str | Path) -> Any:

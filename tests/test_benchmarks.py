@@ -1,0 +1,69 @@
+"""The peer benchmarks run end to end at a tiny size and print their ratio lines.
+
+Speed is not asserted here (a timed test on a shared machine measures the machine):
+the scripts print their goals. What is asserted is what must hold at any size: every
+script finishes, prints its table and ratios, and the contenders agree (the merged
+tensors, the perplexities, the loss curves).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def bench(script: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert done.stdout.startswith("machine: "), done.stdout[:500]
+    assert "load average" in done.stdout.splitlines()[0]
+    return done.stdout
+
+
+def number(pattern: str, text: str) -> float:
+    found = re.search(pattern, text)
+    assert found, f"no line matching {pattern!r} in:\n{text}"
+    return float(found[1])
+
+
+def test_merge_benchmark_tiny():
+    out = bench("merge.py", "--tiny", "--peers", "naive", "--cache", "warm")
+    assert "| warm | 3 | mergemix |" in out and "| warm | 3 | cat |" in out
+    assert number(r"ratio \(warm, k=3\): mergemix / naive: wall time ([\d.]+)", out) > 0
+    assert number(r"ratio \(warm, k=3\): mergemix read rate / cat's: ([\d.]+)", out) > 0
+    # The same float32 average whichever way it is computed: equal up to summation order.
+    assert number(r"max \|mergemix - naive\| over all merged tensors: ([\d.e+-]+)", out) < 1e-6
+    assert re.search(r"^goal (PASS|FAIL): \(warm\) mergemix peak RSS <= two models' size", out, re.M)
+
+
+def test_evaluate_benchmark_tiny():
+    out = bench("evaluate.py", "--tiny", "--peers", "hf")
+    assert number(r"ratio: mergemix / hf tokens per second: ([\d.]+)", out) > 0
+    # Same documents, same windows: the perplexities agree, and the script says so.
+    assert "goal PASS: mergemix perplexity equals the plain HF loop's to 1e-5 relative" in out
+
+
+def test_train_benchmark_tiny():
+    out = bench("train.py", "--tiny")
+    assert number(r"ratio \(tiny\): mergemix / torch loop tokens per second: ([\d.]+)", out) > 0
+    assert number(r"peak: ([\d.]+) GFLOP/s", out) > 0
+    # Same initialisation, batches, optimizer and schedule: the same loss at every step.
+    assert number(r"max \|loss difference\| between the two loops over all steps: ([\d.e+-]+)", out) < 1e-4
+
+
+def test_train_benchmark_gpu_path_refuses_without_cuda():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the CUDA path runs instead of refusing")
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train.py"), "--device", "cuda"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --device cuda needs a CUDA GPU"), done.stderr
