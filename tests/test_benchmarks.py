@@ -57,6 +57,14 @@ def test_train_benchmark_tiny():
     assert number(r"max \|loss difference\| between the two loops over all steps: ([\d.e+-]+)", out) < 1e-4
 
 
+def test_engine_benchmark_tiny():
+    out = bench("engine.py", "--tiny", "--partitions", "4", "--file-mixtures", "2")
+    assert "| engine (one process) | 6 |" in out
+    assert number(r"ratio: engine / file-based mixtures per hour: ([\d.]+)", out) > 0
+    # The engine and merge + evaluate score the same averages on the same windows.
+    assert "goal PASS: the engine's perplexities equal the file-based path's to 1e-5 relative" in out
+
+
 def test_train_benchmark_gpu_path_refuses_without_cuda():
     import torch
 
