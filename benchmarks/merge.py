@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", nargs="*", default=list(PEERS), choices=PEERS, help="peers to run (default all)")
     parser.add_argument("--cache", choices=["both", "cold", "warm"], default="both",
                         help="page cache before each contender: dropped (cold, needs root), filled (warm), or both (default)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each contender; the median is reported (default 3)")
     parser.add_argument("--workdir", type=Path, help="folder for checkpoints (default: a temporary one)")
     parser.add_argument("--naive-out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--make-in", type=Path, help=argparse.SUPPRESS)
@@ -190,12 +192,16 @@ def run(args: argparse.Namespace, root: Path) -> int:
             chosen = inputs[:k]
             for name in contenders:
                 out = root / f"out-{name}-{k}"
-                shutil.rmtree(out, ignore_errors=True)
-                if mode == "cold":
-                    drop_page_cache()
-                else:
-                    run_child("warm-up", command("cat", chosen, out, root), keep_output=False)
-                child = run_child(f"{name} (k={k})", command(name, chosen, out, root), keep_output=name != "cat")
+                runs = []
+                for _ in range(args.repeat):
+                    shutil.rmtree(out, ignore_errors=True)
+                    os.sync()  # the last contender's output is written back now, not during this one
+                    if mode == "cold":
+                        drop_page_cache()
+                    else:
+                        run_child("warm-up", command("cat", chosen, out, root), keep_output=False)
+                    runs.append(run_child(f"{name} (k={k})", command(name, chosen, out, root), keep_output=name != "cat"))
+                child = sorted(runs, key=lambda r: r.wall_s)[len(runs) // 2]  # the median run
                 results[mode, name, k] = child
                 rows.append({"cache": mode, "k": k, "contender": name, "wall s": round(child.wall_s, 2),
                              "peak RSS MiB": round(child.peak_rss / MiB), "RSS / model": round(child.peak_rss / model_bytes, 2),

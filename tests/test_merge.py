@@ -59,3 +59,50 @@ def test_refuses_other_shape_naming_the_tensor(tmp_path, tiny_model_config):
     with pytest.raises(MergeError, match=r"tensor 'gpt_neox\.layers\.0\.mlp\.dense_4h_to_h\.weight' has shape"):
         merge("micro", {"p": [tmp_path / "a"], "q": [tmp_path / "b"]}, tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_merge_rounds_as_torch_does(tmp_path, tiny_model_config, dtype):
+    """bfloat16/float16 checkpoints: widened to float32, averaged, rounded back like torch's .to(dtype)."""
+    from safetensors.torch import save_file
+
+    from mergemix import io
+
+    states = {}
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        model = make_checkpoint(tmp_path / name, tiny_model_config, seed=seed)
+        states[name] = {k: v.to(dtype) for k, v in model.state_dict().items()}
+        save_file(states[name], tmp_path / name / mm.WEIGHTS, metadata={"format": "pt"})
+        sidecar = mm.read_sidecar(tmp_path / name)
+        io.write_json(tmp_path / name / mm.SIDECAR, {**sidecar, "weights_sha256": io.sha256_file(tmp_path / name / mm.WEIGHTS)})
+    merge("macro", {"p": [tmp_path / "a", tmp_path / "b"], "q": [tmp_path / "c"]}, tmp_path / "m")
+    merged = load_file(tmp_path / "m" / mm.WEIGHTS)
+    for name, a in states["a"].items():
+        acc = a.float() * 0.25
+        acc += states["b"][name].float() * 0.25
+        acc += states["c"][name].float() * 0.5
+        assert merged[name].dtype == dtype
+        assert torch.equal(merged[name], acc.to(dtype)), name
+
+
+def test_a_corrupt_input_found_after_averaging_leaves_nothing(tmp_path, tiny_model_config):
+    """Inputs are hashed while the average is formed: a mismatch still commits nothing."""
+    make_checkpoint(tmp_path / "a", tiny_model_config, seed=1)
+    make_checkpoint(tmp_path / "b", tiny_model_config, seed=2)
+    weights = tmp_path / "b" / mm.WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[-4] ^= 0x01  # a flipped bit in the last tensor: the header and sizes stay valid
+    weights.write_bytes(bytes(data))
+    with pytest.raises(mm.CheckpointError, match="does not match the sha256"):
+        merge("micro", {"p": [tmp_path / "a"], "q": [tmp_path / "b"]}, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+def test_merging_does_not_import_torch():
+    """`python -m mergemix.merge` starts without torch: its import costs more than a small merge."""
+    import subprocess
+    import sys
+
+    code = "import sys, mergemix.merge; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0, "mergemix.merge imports torch"

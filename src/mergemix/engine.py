@@ -154,7 +154,7 @@ class Engine:
     def load_average(self, weights: dict[Path, float]) -> None:
         """Copy the weighted average of resident checkpoints into the model, tensor by tensor."""
         for name, target in self.targets.items():
-            target.copy_(weighted_sum((self.states[path][name], w) for path, w in weights.items()))
+            target.copy_(weighted_sum((self.states[path][name].to(torch.float32), w) for path, w in weights.items()))
 
     def prepared(self, domain: Domain) -> PreparedDomain:
         """A domain's windows, sampled and cut on first use and kept for the whole batch."""

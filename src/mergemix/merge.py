@@ -1,24 +1,29 @@
 """Parameter averaging of checkpoints: micro, macro, merged and weighted merges.
 
 Every method is a set of per-checkpoint weights (a pure function, `merge_weights`) fed
-to one streaming average (`averaged`). The average reads tensor by tensor through
-safetensors' lazy reader, accumulates in float32 and is written to disk tensor by
-tensor, so memory stays near one model's size (or less) whatever the number of inputs.
-It refuses checkpoints that did not grow from the same seed or whose architecture,
-tensor names, shapes or dtypes differ, naming the tensor and both shapes.
+to one streaming average (`averaged`). The average maps each input tensor straight from
+its safetensors file with numpy (no copy, and no torch: the import alone would cost
+more than a small merge), accumulates in float32 and is written to disk tensor by
+tensor, so memory stays near one model's size whatever the number of inputs. Every
+input is hashed against its sidecar on the other cores while the average is formed, and
+nothing is committed unless all of them match. It refuses checkpoints that did not grow
+from the same seed or whose architecture, tensor names, shapes or dtypes differ, naming
+the tensor and both shapes.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
-import torch
+import numpy as np
 
 from mergemix import io, model as mm
 
@@ -27,6 +32,8 @@ log = logging.getLogger(__name__)
 METHODS = ("micro", "macro", "weighted", "merged")
 # config.json keys that describe how a file was written, not the architecture.
 _NON_ARCH_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures"}
+# How each floating-point safetensors dtype is mapped into numpy (bfloat16 as its bits).
+_STORED = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
 
 class MergeError(ValueError):
@@ -72,21 +79,36 @@ def require_weights(paths: list[Path]) -> None:
         raise MergeError(f"checkpoint {missing[0]} has no {mm.WEIGHTS}: train it first")
 
 
-def check_compatible(paths: list[Path]) -> dict:
-    """Refuse checkpoints of different seeds, architectures, tensor names or shapes."""
-    from safetensors import safe_open
+def verify_all(paths: list[Path], pool: ThreadPoolExecutor) -> list:
+    """Start hashing every input against its sidecar; `.result()` of each raises a mismatch.
 
+    Hashing is a full read of each file, and hashlib releases the GIL, so the files are
+    hashed on the pool's threads while the caller goes on.
+    """
+    return [pool.submit(mm.verify, path) for path in paths]
+
+
+def check_compatible(paths: list[Path], verify: bool = True) -> dict:
+    """Refuse checkpoints of different seeds, architectures, tensor names, shapes or dtypes.
+
+    Returns the seed, the first input's config.json, and each input's tensor layout
+    (`model.read_layout`). verify=False leaves the sha256 checks to the caller
+    (`merge` runs them alongside the average).
+    """
     if not paths:
         raise MergeError("nothing to merge: no checkpoints given")
-    # Hashing every input is a full read of it; hashlib releases the GIL, so the files
-    # are hashed on all cores at once. map() raises the first failure in input order.
-    with ThreadPoolExecutor(max_workers=min(len(paths), os.cpu_count() or 1)) as pool:
-        list(pool.map(mm.verify, paths))
+    if verify:
+        with ThreadPoolExecutor(max_workers=min(len(paths), os.cpu_count() or 1)) as pool:
+            for check in verify_all(paths, pool):
+                check.result()  # the first failure in input order
     first = paths[0]
     seed = mm.read_sidecar(first).get("seed_sha256")
     arch = _architecture(first)
-    with safe_open(first / mm.WEIGHTS, framework="pt") as f:
-        shapes = {k: _layout(f, k) for k in f.keys()}
+    layouts = {first: mm.read_layout(first)}
+    shapes = {name: (dtype, shape) for name, (dtype, shape, *_) in layouts[first].items()}
+    for name, (dtype, _) in shapes.items():
+        if dtype not in _STORED:
+            raise MergeError(f"tensor '{name}' of {first} is {dtype}: only floating-point tensors can be averaged")
     for path in paths[1:]:
         other_seed = mm.read_sidecar(path).get("seed_sha256")
         if other_seed != seed:
@@ -95,81 +117,112 @@ def check_compatible(paths: list[Path]) -> dict:
         if other_arch != arch:
             key = next(k for k in sorted(set(arch) | set(other_arch)) if arch.get(k) != other_arch.get(k))
             raise MergeError(f"{path} differs from {first} in config '{key}': {other_arch.get(key)!r} vs {arch.get(key)!r}")
-        with safe_open(path / mm.WEIGHTS, framework="pt") as f:
-            keys = set(f.keys())
-            if keys != set(shapes):
-                name = sorted(keys ^ set(shapes))[0]
-                where = path if name in keys else first
-                raise MergeError(f"tensor '{name}' exists only in {where}: checkpoints must have the same tensors")
-            for name in sorted(keys):
-                dtype, shape = _layout(f, name)
-                if shape != shapes[name][1]:
-                    raise MergeError(f"tensor '{name}' has shape {shape} in {path} but {shapes[name][1]} in {first}")
-                if dtype != shapes[name][0]:
-                    raise MergeError(f"tensor '{name}' is {dtype} in {path} but {shapes[name][0]} in {first}")
-    return {"seed_sha256": seed, "config": io.read_json(first / "config.json"), "layout": shapes}
+        layouts[path] = mm.read_layout(path)
+        keys = set(layouts[path])
+        if keys != set(shapes):
+            name = sorted(keys ^ set(shapes))[0]
+            where = path if name in keys else first
+            raise MergeError(f"tensor '{name}' exists only in {where}: checkpoints must have the same tensors")
+        for name in sorted(keys):
+            dtype, shape, *_ = layouts[path][name]
+            if shape != shapes[name][1]:
+                raise MergeError(f"tensor '{name}' has shape {shape} in {path} but {shapes[name][1]} in {first}")
+            if dtype != shapes[name][0]:
+                raise MergeError(f"tensor '{name}' is {dtype} in {path} but {shapes[name][0]} in {first}")
+    return {"seed_sha256": seed, "config": io.read_json(first / "config.json"), "layout": shapes, "layouts": layouts}
 
 
-def _layout(handle, name: str) -> tuple[str, tuple[int, ...]]:
-    """(safetensors dtype, shape) of one tensor, read from the header only."""
-    piece = handle.get_slice(name)
-    return piece.get_dtype(), tuple(piece.get_shape())
+def weighted_sum(terms: Iterable[tuple[Any, float]]) -> Any:
+    """Sum of weight x tensor over float32 tensors, in the order given (the engine's average).
 
-
-def weighted_sum(terms: Iterable[tuple[torch.Tensor, float]]) -> torch.Tensor:
-    """Sum of weight x tensor, accumulated in float32, returned in the inputs' dtype.
-
-    The one place the averaging arithmetic lives: the file-based merge and the in-memory
-    engine both call it with terms in the same order, so they produce the same bits.
-    Inputs are never modified (the first product is a new tensor).
+    Each product `x * w` is rounded to float32 and then added, as `accumulate` does in
+    numpy for the file-based merge, so the engine and a merged checkpoint hold the same
+    bits (tests/test_engine.py checks it). A fused `add_(x, alpha=w)` would round once
+    and differ. Inputs are never modified: the first product is a new tensor.
     """
-    acc: torch.Tensor | None = None
-    dtype = None
+    acc = None
     for tensor, weight in terms:
-        dtype = tensor.dtype
         if acc is None:
-            acc = tensor.to(torch.float32) * weight
+            acc = tensor * weight
         else:
-            acc.add_(tensor.to(torch.float32), alpha=weight)  # in place: no temporary per term
+            acc += tensor * weight
     assert acc is not None, "weighted_sum of no tensors"
-    return acc.to(dtype)
+    return acc
 
 
-def read_tensor(path: Path, name: str) -> torch.Tensor:
-    """One tensor of one checkpoint folder, the file opened for it alone.
+def accumulate(terms: Iterable[tuple[np.ndarray, float]], acc: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """weighted_sum's arithmetic in numpy, into two caller-owned float32 buffers.
 
-    safetensors maps the whole file, and every page a mapping has touched counts as
-    resident while it is open: k handles held open through a merge end up holding k
-    whole models. Opening per tensor (a header parse, well under a millisecond) lets each
-    tensor's pages go as soon as it has been added.
+    acc and scratch are flat buffers of at least the tensor's size, reused for every
+    tensor of a merge: a fresh array per product would cost a page fault for every 4 KiB
+    of it, more time than the arithmetic. Returns the view of acc that holds the sum.
     """
-    from safetensors import safe_open
+    out = None
+    for tensor, weight in terms:
+        if out is None:
+            out = np.multiply(tensor, weight, out=acc[: tensor.size].reshape(tensor.shape))
+        else:
+            out += np.multiply(tensor, weight, out=scratch[: tensor.size].reshape(tensor.shape))
+    assert out is not None, "accumulate of no tensors"
+    return out
 
-    with safe_open(path / mm.WEIGHTS, framework="pt") as f:
-        return f.get_tensor(name)
+
+def read_tensor(path: Path, span: tuple[str, tuple[int, ...], int, int]) -> np.ndarray:
+    """One tensor of one checkpoint as float32, mapped from its file for this tensor alone.
+
+    A mapping counts as resident memory for every page it has touched while it is open:
+    k whole files held open through a merge would end up holding k models. Mapping one
+    tensor at a time (and dropping it once added) lets its pages go as soon as it has
+    been used. float32 tensors are read in place, without a copy.
+    """
+    dtype, shape, first, end = span
+    if end == first:
+        return np.zeros(shape, dtype=np.float32)
+    stored = np.memmap(path / mm.WEIGHTS, dtype=_STORED[dtype], mode="r", offset=first, shape=shape or (1,))
+    stored = np.asarray(stored).reshape(shape)
+    if dtype == "BF16":  # bfloat16 is the top half of a float32
+        return (stored.astype(np.uint32) << 16).view(np.float32)
+    return stored.astype(np.float32, copy=False)
 
 
-def averaged(weights: dict[Path, float], names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, weighted average) for each tensor name in turn: one tensor of one input at a time."""
+def to_stored(acc: np.ndarray, dtype: str) -> np.ndarray:
+    """A float32 average back in its checkpoint's dtype (bfloat16 rounded to nearest even, as torch does)."""
+    if dtype != "BF16":
+        return acc.astype(_STORED[dtype], copy=False)
+    bits = acc.view(np.uint32)
+    rounded = ((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)
+    rounded[np.isnan(acc)] = 0x7FC0
+    return rounded
+
+
+def averaged(weights: dict[Path, float], layouts: dict[Path, dict], names: Iterable[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, weighted average in the stored dtype) for each tensor name in turn: one tensor of one input at a time.
+
+    Each yielded array lives in a buffer that the next tensor reuses: write or copy it
+    before asking for the next.
+    """
+    names = list(names)
+    first = layouts[next(iter(weights))]
+    size = max((math.prod(first[name][1]) for name in names), default=0)
+    acc, scratch = np.empty(size, dtype=np.float32), np.empty(size, dtype=np.float32)
     for name in names:
-        yield name, weighted_sum((read_tensor(path, name), w) for path, w in weights.items())
+        terms = ((read_tensor(path, layouts[path][name]), float(w)) for path, w in weights.items())
+        yield name, to_stored(accumulate(terms, acc, scratch), first[name][0])
 
 
-def average(weights: dict[Path, float]) -> dict[str, torch.Tensor]:
+def average(weights: dict[Path, float]) -> dict[str, np.ndarray]:
     """The whole weighted average in memory (the engine test's reference)."""
-    from safetensors import safe_open
-
-    with safe_open(next(iter(weights)) / mm.WEIGHTS, framework="pt") as f:
-        names = list(f.keys())
-    return dict(averaged(weights, names))
+    layouts = {path: mm.read_layout(path) for path in weights}
+    return {name: tensor.copy() for name, tensor in averaged(weights, layouts, layouts[next(iter(weights))])}
 
 
 def merge(method: str, groups: dict[str, list[Path]], out: Path, tokens: dict[str, float] | None = None) -> dict:
     """Merge a mixture's checkpoints into a new checkpoint folder at `out`."""
 
     by_name = {str(p): p for members in groups.values() for p in members}
-    require_weights(list(by_name.values()))
-    info = check_compatible(list(by_name.values()))
+    paths = list(by_name.values())
+    require_weights(paths)
+    info = check_compatible(paths, verify=False)  # headers only: a mismatch is refused before any data is read
     weights = merge_weights(method, {p: [str(m) for m in ms] for p, ms in groups.items()}, tokens)
     sidecar = {
         "kind": "merged",
@@ -179,13 +232,19 @@ def merge(method: str, groups: dict[str, list[Path]], out: Path, tokens: dict[st
         "weights": weights,
         "tokens": tokens or {},
     }
-    with io.StagingDir(out) as stage:
+    # The inputs are hashed on every core while this thread averages and writes: the
+    # hashing is most of the work, so it gets all of them and the average fills the gaps.
+    workers = min(len(paths), os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool, io.StagingDir(out) as stage:
+        checks = verify_all(paths, pool)
         io.write_json(stage.path / "config.json", info["config"])
         # Streamed to disk as it is averaged: one output tensor in memory, not a model.
-        layout = info["layout"]
-        tensors = averaged({by_name[k]: w for k, w in weights.items()}, layout)
+        layout = {name: info["layout"][name] for name in info["layouts"][paths[0]]}  # in the first file's order
+        tensors = averaged({by_name[k]: w for k, w in weights.items()}, info["layouts"], layout)
         sidecar["weights_sha256"] = io.save_tensors_streamed(layout, tensors, stage.path / mm.WEIGHTS, {"format": "pt"})
         io.write_json(stage.path / mm.SIDECAR, sidecar)
+        for check in checks:
+            check.result()  # an input that fails its sha256 leaves nothing behind
         stage.commit(last=(mm.SIDECAR, mm.WEIGHTS))
     return sidecar
 

@@ -8,14 +8,18 @@ which seed it grew from, on what data, for how many tokens and steps, on what ha
 
 from __future__ import annotations
 
+import json
+import math
 import platform
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mergemix import io
-from mergemix.config import ModelConfig
+
+if TYPE_CHECKING:  # torch is imported where it is used: merging needs none of it
+    import torch
+
+    from mergemix.config import ModelConfig
 
 SIDECAR = "mergemix.json"
 WEIGHTS = "model.safetensors"
@@ -56,13 +60,14 @@ def build(cfg: ModelConfig, tokenizer_size: int, eos_id: int) -> torch.nn.Module
     return GPTNeoXForCausalLM(config)
 
 
-def load(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """Load a checkpoint folder with transformers (safetensors only: never a pickle)."""
+def load(path: str | Path, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Load a checkpoint folder with transformers (safetensors only: never a pickle), float32 by default."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
     verify(path)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, use_safetensors=True)
 
 
 def verify(path: str | Path) -> dict[str, Any]:
@@ -95,7 +100,49 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{file} is not valid JSON ({exc}): delete {path} and rerun") from exc
 
 
+def read_layout(path: str | Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """Each tensor of a checkpoint's weights: name -> (dtype, shape, first byte, end byte), in file order.
+
+    Read from the safetensors header alone (8 bytes of length, then JSON) and checked
+    against the file's size, so a truncated file is refused here, named, before any of
+    its data is read. Byte positions are from the start of the file.
+    """
+    file = Path(path) / WEIGHTS
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {WEIGHTS}")
+    size = file.stat().st_size
+
+    def damaged(why: str) -> CheckpointError:
+        return CheckpointError(f"{file} is not a complete safetensors file ({why}; truncated or corrupt): delete {path} and rerun")
+
+    with open(file, "rb") as fh:
+        length = int.from_bytes(fh.read(8), "little")
+        if size < 8 or length > size - 8:
+            raise damaged(f"its header claims {length} bytes but the file has {size}")
+        try:
+            header = json.loads(fh.read(length))
+        except ValueError as exc:
+            raise damaged(f"unreadable header: {exc}") from exc
+    if not isinstance(header, dict):
+        raise damaged("the header is not a JSON object")
+    header.pop("__metadata__", None)
+    start = 8 + length
+    spans = {}
+    for name, entry in header.items():
+        try:
+            dtype, shape, (first, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            nbytes = io.ELEMENT_SIZE[dtype] * math.prod(shape)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise damaged(f"tensor '{name}' has no valid header entry ({exc!r})") from exc
+        if end - first != nbytes or first < 0 or start + end > size:
+            raise damaged(f"tensor '{name}' needs bytes {start + first} to {start + end} but the file has {size}")
+        spans[name] = (dtype, shape, start + first, start + end)
+    return dict(sorted(spans.items(), key=lambda item: item[1][2]))
+
+
 def hardware() -> dict[str, Any]:
+    import torch
+
     info: dict[str, Any] = {"machine": platform.machine(), "torch_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
