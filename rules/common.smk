@@ -7,9 +7,12 @@ into file paths and command-line flags.
 import glob
 import importlib.util
 import json
+import os
 import shlex
+import sys
 
 from snakemake.exceptions import WorkflowError
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 from mergemix import config as mmconfig
 
@@ -17,6 +20,18 @@ try:
     mmconfig.validate(config)
 except mmconfig.ConfigError as exc:
     raise WorkflowError(f"config error: {exc}")
+
+
+# Rules run `python -m mergemix.<stage>`. The interpreter running this workflow has just
+# imported mergemix, so its bin folder goes first on every job's PATH: `.venv/bin/snakemake`
+# works without an activated venv, and a rule's `python` is never another Python that
+# lacks the package. (With --use-conda each rule's own environment provides python.)
+# The prefix keeps Snakemake's default strict mode for bash.
+if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
+
+    shell.prefix(
+        f'set -euo pipefail; export PATH={shlex.quote(os.path.dirname(sys.executable))}:"$PATH"; '
+    )
 
 
 PARTITIONS = mmconfig.partitions(config)  # partition -> source

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import os
 import subprocess
 import sys
 
@@ -228,6 +229,19 @@ def test_figures_target_and_report(run, tmp_path):
     html = report.read_text(errors="replace")
     for name in ("figure3.png", "figure4_weighted.png", "figure9.png", "table3.csv", "efficiency.csv"):
         assert name in html, name
+
+
+def test_jobs_use_the_workflows_python_whatever_the_path(run, tmp_path):
+    """`.venv/bin/snakemake` without an activated venv: the rules' `python` is still the one
+    that has mergemix, not the system's (which lacks it) or none."""
+    study = tmp_path / "study"
+    shutil.copytree(run, study, symlinks=True)
+    env = {**os.environ, "PATH": os.pathsep.join(["/usr/local/bin", "/usr/bin", "/bin"])}
+    before = (study / "results/perplexity.csv").read_bytes()
+    (study / "results/perplexity.csv").unlink()
+    done = snakemake(study, "results/perplexity.csv", env=env)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert (study / "results/perplexity.csv").read_bytes() == before
 
 
 def test_rerun_plans_nothing(run):
