@@ -345,36 +345,26 @@ def _mean_over_replicates(frame: pl.DataFrame, keys: list[str], what: str) -> pl
 # proxies
 
 
-def proxy_table(df: pl.DataFrame, proxies: Sequence[str] | None = None) -> pl.DataFrame:
-    """Long table of seq ppl vs. proxy ppl: one row per mixture x domain x proxy.
+def proxy_values(df: pl.DataFrame, mixtures: Sequence[str] | None = None,
+                 proxies: Sequence[str] | None = None) -> pl.DataFrame:
+    """Long table of proxy perplexities: one row per mixture x domain x proxy.
 
-    Columns: mixture, domain, domain_kind, seq_ppl, proxy, proxy_ppl.  Only
-    mixtures with a seq model appear; analysis domains are the OOD domains
-    plus ``in-domain``.  Proxies: one per merge method present, ``mean_ind``
-    (mean over the mixture's partitions of the ind models' ppl on the domain)
-    and ``ind_id`` (mean over partitions of each ind model's ppl on its own
-    held-out set; the same for every domain).  A proxy value that cannot be
-    formed (missing model or row) is left out, with a warning.  ``proxies``
-    restricts the output to those proxy names.
+    Columns: mixture, domain, proxy, proxy_ppl.  Needs no seq model, so it
+    ranks candidate mixtures that were never trained on (:mod:`mergemix.rank`).
+    ``mixtures``: the mixtures to score (None: every mixture with a merged or
+    seq model).  Domains are the OOD domains plus ``in-domain``.  Proxies: one
+    per merge method present, ``mean_ind`` (mean over the mixture's partitions
+    of the ind models' ppl on the domain) and ``ind_id`` (mean over partitions
+    of each ind model's ppl on its own held-out set; the same for every
+    domain).  A proxy value that cannot be formed (missing model or row) is
+    left out, with a warning.  ``proxies`` restricts the output to those names.
     """
     df = _normalise(df, "perplexity table")
-    if df.filter(pl.col("model_kind") == "seq").height == 0:
-        raise ValueError("perplexity table has no seq rows (model_kind == 'seq')")
-
+    if mixtures is None:
+        mixtures = _mixtures_to_evaluate(df)
     in_dom = in_domain_rows(df)
     ood = df.filter(pl.col("domain_kind") == "ood")
     cols = ["model_kind", "model_id", "mixture", "method", "domain", "domain_kind", "ppl"]
-
-    # ground truth
-    seq = pl.concat(
-        [ood.filter(pl.col("model_kind") == "seq").select(cols),
-         in_dom.filter(pl.col("model_kind") == "seq").select(cols)],
-        how="vertical",
-    )
-    seq = _mean_over_replicates(seq, ["mixture", "domain", "domain_kind"], "seq").rename(
-        {"ppl": "seq_ppl"}
-    )
-    seq_mixtures = sorted(seq["mixture"].unique().to_list())
 
     pieces: list[pl.DataFrame] = []
 
@@ -383,7 +373,7 @@ def proxy_table(df: pl.DataFrame, proxies: Sequence[str] | None = None) -> pl.Da
         [ood.filter(pl.col("model_kind") == "merged").select(cols),
          in_dom.filter(pl.col("model_kind") == "merged").select(cols)],
         how="vertical",
-    )
+    ).filter(pl.col("mixture").is_in(list(mixtures)))
     if merged.filter(pl.col("method") == "").height:
         log.warning("merged rows with an empty method are ignored")
         merged = merged.filter(pl.col("method") != "")
@@ -415,7 +405,7 @@ def proxy_table(df: pl.DataFrame, proxies: Sequence[str] | None = None) -> pl.Da
     own_lookup = dict(ind_own.select("partition", "ppl").iter_rows())
     in_lookup = {(p, m): v for p, m, v in ind_in.select("partition", "eval_mixture", "ppl").iter_rows()}
     have_ind = set(ind["mixture"].unique().to_list())
-    for m in seq_mixtures:
+    for m in mixtures:
         parts = partitions_of(m)
         missing = [p for p in parts if p not in have_ind]
         if missing:
@@ -450,9 +440,40 @@ def proxy_table(df: pl.DataFrame, proxies: Sequence[str] | None = None) -> pl.Da
             if p not in present:
                 log.warning("requested proxy %r is not available", p)
         long = long.filter(pl.col("proxy").is_in(wanted))
+    return long
 
+
+def proxy_table(df: pl.DataFrame, proxies: Sequence[str] | None = None) -> pl.DataFrame:
+    """Long table of seq ppl vs. proxy ppl: one row per mixture x domain x proxy.
+
+    Columns: mixture, domain, domain_kind, seq_ppl, proxy, proxy_ppl.  Only
+    mixtures with a seq model appear; the proxies are :func:`proxy_values`'.
+    """
+    df = _normalise(df, "perplexity table")
+    if df.filter(pl.col("model_kind") == "seq").height == 0:
+        raise ValueError("perplexity table has no seq rows (model_kind == 'seq')")
+    seq = seq_values(df)
+    long = proxy_values(df, sorted(seq["mixture"].unique().to_list()), proxies)
     out = seq.join(long, on=["mixture", "domain"], how="inner").select(SCORE_COLUMNS)
     return _sort_scores(out.cast(_SCORE_SCHEMA))
+
+
+def seq_values(df: pl.DataFrame) -> pl.DataFrame:
+    """The ground truth: each seq mixture's ppl per OOD domain and ``in-domain``.
+
+    Columns: mixture, domain, domain_kind, seq_ppl (the mean over replicates).
+    """
+    df = _normalise(df, "perplexity table")
+    cols = ["model_kind", "model_id", "mixture", "method", "domain", "domain_kind", "ppl"]
+    in_dom = in_domain_rows(df)
+    seq = pl.concat(
+        [df.filter((pl.col("model_kind") == "seq") & (pl.col("domain_kind") == "ood")).select(cols),
+         in_dom.filter(pl.col("model_kind") == "seq").select(cols)],
+        how="vertical",
+    )
+    return _mean_over_replicates(seq, ["mixture", "domain", "domain_kind"], "seq").rename(
+        {"ppl": "seq_ppl"}
+    )
 
 
 def _sort_scores(scores: pl.DataFrame) -> pl.DataFrame:
