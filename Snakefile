@@ -17,6 +17,7 @@
 #   results/ppl/merged/{method}/{anchor}/{chunk}.csv  rows of a batch of merged models, scored
 #                                                 in memory by one engine job (no checkpoint)
 #   results/perplexity.csv                        all rows, one tidy table
+#   results/ranking.csv, results/tables/ranking.md  every mixture by its proxy perplexity
 #   results/{correlations,proxy_scores}.csv      statistics per domain and proxy
 #   results/tables/table{2,3,4}.{md,csv,tex}      the paper's Tables 2-4 (rule analyze)
 #   results/tables/efficiency.{csv,md}            measured compute, modular vs. seq (rule efficiency)
@@ -68,13 +69,21 @@ if TRANSFER:
     include: "rules/transfer.smk"
 
 
+# Proxies are judged against seq models; a proxies-only study (mixtures.seq: false) ends
+# in the ranking.
+SEQ_TARGETS = (
+    [rules.analyze.output, rules.figures.output, rules.efficiency.output]
+    if SEQ_MIXTURES
+    else []
+)
+
+
 rule all:
-    """The demo's deliverables: the tidy table, statistics, tables, figures and efficiency."""
+    """The tidy table, the ranking of mixtures, and the proxies judged against seq models."""
     default_target: True
     input:
         "results/perplexity.csv",
-        rules.analyze.output,
-        rules.figures.output,
-        rules.efficiency.output,
+        rules.rank.output,
+        SEQ_TARGETS,
         DECONTAMINATION_TABLE,
         TRANSFER_TARGETS,

@@ -56,6 +56,33 @@ rule analyze:
         "python -m mergemix.analyze --perplexity {input.table} --out-dir results > {log} 2>&1"
 
 
+rule rank:
+    """Every candidate mixture ordered by its proxy perplexity: which mixture to train on."""
+    input:
+        table="results/perplexity.csv",
+        code=[package_source("rank"), package_source("analyze")],
+    output:
+        csv=report(
+            "results/ranking.csv",
+            caption="../report/ranking.rst",
+            category="Statistics",
+            labels={"file": "ranking.csv"},
+        ),
+        md="results/tables/ranking.md",
+    log:
+        "logs/rank.log",
+    conda:
+        "../envs/analysis.yaml"
+    resources:
+        mem_mb=res("light", "mem_mb"),
+        runtime=res("light", "runtime"),
+    params:
+        proxy=config["analysis"]["rank_by"],
+    shell:
+        "python -m mergemix.rank --perplexity {input.table} --proxy {params.proxy}"
+        " --out-csv {output.csv} --out-md {output.md} > {log} 2>&1"
+
+
 rule figures:
     """Figures 3 to 9, redrawn from the result tables alone: `snakemake figures` trains nothing."""
     input:

@@ -94,6 +94,7 @@ CONFIG_CASES = {
     "mixture names an unknown partition": (_set("mixtures.include", [["1850s", "1870"]]), "1870"),
     "k above the partition count": (_set("mixtures.k", 40), "mixtures.k"),
     "bad partition name": (_set("sources.sotu.partitions", {"../up": 1}), "../up"),
+    "ranking by a merge method not scored": (_set("analysis.rank_by", "macro"), "analysis.rank_by"),
 }
 
 

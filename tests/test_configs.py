@@ -77,9 +77,11 @@ def expected_jobs(config: dict) -> dict[str, int]:
         "evaluate_seq": len(seq),
         "score_merged": len(config["merge"]["methods"]) * len(mc.mixture_batches(config, mixtures)),
         "collect": 1,
-        "analyze": 1,
-        "figures": 1,
-        "efficiency": 1,
+        "rank": 1,
+        # judged against seq models only where some are trained
+        "analyze": 1 if seq else 0,
+        "figures": 1 if seq else 0,
+        "efficiency": 1 if seq else 0,
         "all": 1,
     }
     if config.get("transfer"):
@@ -216,6 +218,7 @@ def test_user_weights_reach_merge_weights(tmp_path):
     """merge.weights become the engine's --weight flags, and those its exact averaging weights."""
     config = study(4, k=2, sample=None)
     config["merge"].update(methods=["weighted"], weights={"p01": 3, "p02": 0.5})
+    config["analysis"].update(figure_proxy="weighted", rank_by="weighted")  # proxies must be scored
     commands = planned_commands(tmp_path, config)
     assert len(commands) == len(mc.mixture_batches(config))
     by_mixture = {}

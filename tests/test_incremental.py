@@ -120,7 +120,7 @@ def test_new_ood_set_runs_evaluations_and_analysis_only(study):
     for rule, out in jobs:
         # the efficiency ledger reads the evaluations' benchmark files, so it reruns too
         assert rule.startswith("evaluate") or rule in ("score_merged", "partition", "shards_ood", "collect", "analyze",
-                                                       "figures", "efficiency"), rule
+                                                       "rank", "figures", "efficiency"), rule
         if rule in ("partition", "shards_ood"):
             assert "moredocs" in out, out
 
@@ -134,6 +134,9 @@ def test_analysis_changes_rerun_analysis_only(study):
     edit_config(study, lambda c: c["analysis"].update(figure_proxy="macro"))
     assert [rule for rule, _ in plan(study)] == ["figures"]
     assert run_and_retrained(study) == set()
+    edit_config(study, lambda c: c["analysis"].update(rank_by="mean_ind"))
+    assert [rule for rule, _ in plan(study)] == ["rank"]
+    assert run_and_retrained(study) == set()
 
     # new analysis code reruns analysis and figures only. Snakemake compares the content
     # of small inputs, so the test runs a copy of the package whose analyze.py it edits.
@@ -141,12 +144,12 @@ def test_analysis_changes_rerun_analysis_only(study):
     shutil.copytree(REPO / "src" / "mergemix", pkg / "mergemix")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(pkg), os.environ.get("PYTHONPATH", "")]))
     # another copy of every analysis module, the ledger's included
-    assert sorted(rule for rule, _ in plan(study, env)) == ["analyze", "efficiency", "figures"]
+    assert sorted(rule for rule, _ in plan(study, env)) == ["analyze", "efficiency", "figures", "rank"]
     assert run_and_retrained(study, env) == set()
     assert plan(study, env) == []
     with open(pkg / "mergemix" / "analyze.py", "a") as fh:
         fh.write("\n# edited\n")
-    assert sorted(rule for rule, _ in plan(study, env)) == ["analyze", "figures"]
+    assert sorted(rule for rule, _ in plan(study, env)) == ["analyze", "figures", "rank"]
 
 
 def test_training_hyperparameter_retrains_the_models_it_shapes(study):

@@ -145,21 +145,21 @@ def test_workflow_runs_to_completion_through_slurm(slurm_run):
         "rule_decontaminate": 3, "rule_decontamination_table": 1, "rule_seed": 1,
         "rule_unit": 4, "rule_ind": 1, "rule_seq": 3, "rule_evaluate_seed": 1, "rule_evaluate_unit": 2,
         "rule_evaluate_ind": 1, "rule_evaluate_seq": 3, "rule_score_merged": 2,
-        "rule_efficiency": 1, "group_report_analyze_collect_figures": 1,
+        "rule_efficiency": 1, "group_report_analyze_collect_figures_rank": 1,
     }, counts
     # Each log is the job's own output, written on the node by its job step: the group
-    # job ran its members (collect, analyze, figures) inside one allocation.
-    group_log = by_dir["group_report_analyze_collect_figures"][0].read_text()
-    for rule in ("collect", "analyze", "figures"):
+    # job ran its members (collect, rank, analyze, figures) inside one allocation.
+    group_log = by_dir["group_report_analyze_collect_figures_rank"][0].read_text()
+    for rule in ("collect", "rank", "analyze", "figures"):
         assert f"rule {rule}:" in group_log, group_log[-2000:]
     seed_log = by_dir["rule_seed"][0].read_text()
     assert "rule seed:" in seed_log and "Finished jobid" in seed_log, seed_log[-2000:]
     # The group job asks for the largest memory of its members and the sum of their
-    # runtimes (3 x 5 min); Slurm's own record of it (still held, MinJobAge) says so.
+    # runtimes (4 x 5 min); Slurm's own record of it (still held, MinJobAge) says so.
     group = max(j for j, p in jobs if "group_report" in str(p))
     record = subprocess.run(["scontrol", "-o", "show", "job", str(group)], capture_output=True, text=True)
     assert record.returncode == 0, record.stderr
-    assert "JobState=COMPLETED" in record.stdout and "TimeLimit=00:15:00" in record.stdout, record.stdout
+    assert "JobState=COMPLETED" in record.stdout and "TimeLimit=00:20:00" in record.stdout, record.stdout
     assert re.search(r"MinMemoryNode=800M\b", record.stdout) and "NumCPUs=1 " in record.stdout, record.stdout
     # The seed's threads (16 in config, capped by --cores to the node's CPUs) became the
     # CPUs of its Slurm job.

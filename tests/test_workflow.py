@@ -196,6 +196,56 @@ def test_analysis_outputs_have_every_domain_and_proxy(run):
         assert (run / "results/benchmarks" / bench).stat().st_size > 0
 
 
+def ood_geometric_means(table: pl.DataFrame, kind: str, method: str = "") -> dict[str, float]:
+    """exp(mean log ppl) over the OOD sets per mixture, straight from perplexity.csv's rows."""
+    rows = table.filter((pl.col("model_kind") == kind) & (pl.col("method") == method) & (pl.col("domain_kind") == "ood"))
+    out = {}
+    for mixture, group in rows.group_by("mixture"):
+        assert group.height == 2, group  # netdocs and seedheld
+        out[mixture[0]] = math.exp(sum(math.log(v) for v in group["ppl"]) / group.height)
+    return out
+
+
+def test_ranking_orders_every_mixture_by_its_micro_perplexity(run):
+    ranking = pl.read_csv(run / "results/ranking.csv")
+    table = pl.read_csv(run / "results/perplexity.csv")
+    micro, seq = ood_geometric_means(table, "merged", "micro"), ood_geometric_means(table, "seq")
+    assert sorted(ranking["mixture"]) == sorted(micro) == ["alpha+beta", "alpha+gamma", "beta+gamma"]
+    assert ranking["ood_score"].to_list() == pytest.approx(sorted(micro.values()), rel=1e-9)
+    for row in ranking.iter_rows(named=True):
+        assert row["ood_score"] == pytest.approx(micro[row["mixture"]], rel=1e-9)
+        assert row["seq_ood_score"] == pytest.approx(seq[row["mixture"]], rel=1e-9)
+    assert f"| 1 | {ranking['mixture'][0]} |" in (run / "results/tables/ranking.md").read_text()
+
+
+def test_a_proxies_only_study_trains_no_seq_model_and_ends_in_a_ranking(run, tmp_path):
+    """mixtures.seq: false, the cheap ablation itself: no seq model, no tables against one,
+    and a ranking of the same mixtures from the same merged models."""
+    study = tmp_path / "study"
+    shutil.copytree(run, study, symlinks=True)
+    shutil.rmtree(study / "work/models/seq")
+    shutil.rmtree(study / "results/ppl/seq")
+    for stale in ("results/ranking.csv", "results/correlations.csv"):
+        (study / stale).unlink()
+    config = yaml.safe_load((study / "config.yaml").read_text())
+    config["mixtures"]["seq"] = False
+    (study / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    plan = snakemake(study, "-n")
+    assert plan.returncode == 0, plan.stderr[-4000:]
+    planned = sorted(line.split()[1].rstrip(":") for line in plan.stdout.splitlines() if line.startswith("rule "))
+    assert planned == ["all", "collect", "rank"], planned
+    done = snakemake(study)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    table = pl.read_csv(study / "results/perplexity.csv")
+    assert "seq" not in set(table["model_kind"])
+    assert not (study / "results/correlations.csv").exists()
+    before = pl.read_csv(run / "results/ranking.csv")
+    after = pl.read_csv(study / "results/ranking.csv")
+    assert after["mixture"].to_list() == before["mixture"].to_list()
+    assert after["ood_score"].to_list() == before["ood_score"].to_list()
+    assert after["seq_ood_score"].null_count() == after.height == 3
+
+
 def test_efficiency_ledger_reads_the_runs_measurements(run):
     rows = pl.read_csv(run / "results/tables/efficiency.csv")
     measured = {r["item"]: r for r in rows.filter(pl.col("section") == "measured").iter_rows(named=True)}
@@ -227,7 +277,7 @@ def test_figures_target_and_report(run, tmp_path):
     done = snakemake(run, "--report", str(report))
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     html = report.read_text(errors="replace")
-    for name in ("figure3.png", "figure4_weighted.png", "figure9.png", "table3.csv", "efficiency.csv"):
+    for name in ("figure3.png", "figure4_weighted.png", "figure9.png", "table3.csv", "efficiency.csv", "ranking.csv"):
         assert name in html, name
 
 

@@ -54,6 +54,10 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return f"invalid value for '{where}': {error.message}"
 
 
+#: proxies that are parameter averages (analysis.* may name them only if merge.methods does)
+MERGE_PROXIES = ("micro", "macro", "weighted", "merged")
+
+
 def validate(config: dict[str, Any]) -> None:
     """Raise ConfigError for the first schema or semantic problem in `config`."""
     validator = jsonschema.Draft202012Validator(schema())
@@ -109,6 +113,12 @@ def _check_semantics(config: dict[str, Any]) -> None:
         if partition not in owner:
             raise ConfigError(
                 f"merge.weights names unknown partition '{partition}': known partitions are {', '.join(sorted(owner))}"
+            )
+    for key, proxy in config["analysis"].items():
+        if proxy in MERGE_PROXIES and proxy not in config["merge"]["methods"]:
+            raise ConfigError(
+                f"analysis.{key} is '{proxy}', a merge method that merge.methods ({', '.join(config['merge']['methods'])}) "
+                "does not score: add it there or choose one of those, mean_ind or ind_id"
             )
     _check_model(config["model"], "model")
     _check_phases(config["train"], "train")
