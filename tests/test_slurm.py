@@ -132,10 +132,10 @@ def test_workflow_runs_to_completion_through_slurm(slurm_run):
     # Every job went through sbatch (the `all` target has no command), each with its own
     # Slurm log: 11 data-preparation, 5 decontamination (the filter, 3 partitions, the
     # table), 9 training, 7 evaluation jobs, 2 engine batches (one per mixture anchor:
-    # beta, gamma), the efficiency ledger and 1 report group.
+    # beta, gamma), the efficiency ledger, the ranking and 1 report group.
     logs = sorted((root / ".snakemake/slurm_logs").rglob("*.log"))
     assert sorted(p for _, p in jobs) == logs
-    assert len(jobs) == len({j for j, _ in jobs}) == 11 + 5 + 9 + 7 + 2 + 1 + 1
+    assert len(jobs) == len({j for j, _ in jobs}) == 11 + 5 + 9 + 7 + 2 + 1 + 1 + 1
     by_dir = {}
     for p in logs:
         by_dir.setdefault(p.relative_to(root / ".snakemake/slurm_logs").parts[0], []).append(p)
@@ -145,21 +145,23 @@ def test_workflow_runs_to_completion_through_slurm(slurm_run):
         "rule_decontaminate": 3, "rule_decontamination_table": 1, "rule_seed": 1,
         "rule_unit": 4, "rule_ind": 1, "rule_seq": 3, "rule_evaluate_seed": 1, "rule_evaluate_unit": 2,
         "rule_evaluate_ind": 1, "rule_evaluate_seq": 3, "rule_score_merged": 2,
-        "rule_efficiency": 1, "group_report_analyze_collect_figures_rank": 1,
+        "rule_efficiency": 1, "rule_rank": 1, "group_report_analyze_collect_figures": 1,
     }, counts
     # Each log is the job's own output, written on the node by its job step: the group
-    # job ran its members (collect, rank, analyze, figures) inside one allocation.
-    group_log = by_dir["group_report_analyze_collect_figures_rank"][0].read_text()
-    for rule in ("collect", "rank", "analyze", "figures"):
+    # job ran its members (collect, analyze, figures) inside one allocation.
+    group_log = by_dir["group_report_analyze_collect_figures"][0].read_text()
+    for rule in ("collect", "analyze", "figures"):
         assert f"rule {rule}:" in group_log, group_log[-2000:]
+    rank_log = by_dir["rule_rank"][0].read_text()
+    assert "rule rank:" in rank_log and "Finished jobid" in rank_log, rank_log[-2000:]
     seed_log = by_dir["rule_seed"][0].read_text()
     assert "rule seed:" in seed_log and "Finished jobid" in seed_log, seed_log[-2000:]
     # The group job asks for the largest memory of its members and the sum of their
-    # runtimes (4 x 5 min); Slurm's own record of it (still held, MinJobAge) says so.
+    # runtimes (3 x 5 min); Slurm's own record of it (still held, MinJobAge) says so.
     group = max(j for j, p in jobs if "group_report" in str(p))
     record = subprocess.run(["scontrol", "-o", "show", "job", str(group)], capture_output=True, text=True)
     assert record.returncode == 0, record.stderr
-    assert "JobState=COMPLETED" in record.stdout and "TimeLimit=00:20:00" in record.stdout, record.stdout
+    assert "JobState=COMPLETED" in record.stdout and "TimeLimit=00:15:00" in record.stdout, record.stdout
     assert re.search(r"MinMemoryNode=800M\b", record.stdout) and "NumCPUs=1 " in record.stdout, record.stdout
     # The seed's threads (16 in config, capped by --cores to the node's CPUs) became the
     # CPUs of its Slurm job.
