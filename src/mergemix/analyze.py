@@ -344,6 +344,8 @@ def _mean_over_replicates(frame: pl.DataFrame, keys: list[str], what: str) -> pl
 # --------------------------------------------------------------------------
 # proxies
 
+_PPL_COLUMNS = ["model_kind", "model_id", "mixture", "method", "domain", "domain_kind", "ppl"]
+
 
 def proxy_values(df: pl.DataFrame, mixtures: Sequence[str] | None = None,
                  proxies: Sequence[str] | None = None) -> pl.DataFrame:
@@ -358,13 +360,13 @@ def proxy_values(df: pl.DataFrame, mixtures: Sequence[str] | None = None,
     of each ind model's ppl on its own held-out set; the same for every
     domain).  A proxy value that cannot be formed (missing model or row) is
     left out, with a warning.  ``proxies`` restricts the output to those names.
+    ``df`` is a table :func:`_normalise` has checked.
     """
-    df = _normalise(df, "perplexity table")
     if mixtures is None:
         mixtures = _mixtures_to_evaluate(df)
     in_dom = in_domain_rows(df)
     ood = df.filter(pl.col("domain_kind") == "ood")
-    cols = ["model_kind", "model_id", "mixture", "method", "domain", "domain_kind", "ppl"]
+    cols = _PPL_COLUMNS
 
     pieces: list[pl.DataFrame] = []
 
@@ -462,9 +464,9 @@ def seq_values(df: pl.DataFrame) -> pl.DataFrame:
     """The ground truth: each seq mixture's ppl per OOD domain and ``in-domain``.
 
     Columns: mixture, domain, domain_kind, seq_ppl (the mean over replicates).
+    ``df`` is a table :func:`_normalise` has checked.
     """
-    df = _normalise(df, "perplexity table")
-    cols = ["model_kind", "model_id", "mixture", "method", "domain", "domain_kind", "ppl"]
+    cols = _PPL_COLUMNS
     in_dom = in_domain_rows(df)
     seq = pl.concat(
         [df.filter((pl.col("model_kind") == "seq") & (pl.col("domain_kind") == "ood")).select(cols),

@@ -54,21 +54,18 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return f"invalid value for '{where}': {error.message}"
 
 
-#: proxies that are parameter averages (analysis.* may name them only if merge.methods does)
-MERGE_PROXIES = ("micro", "macro", "weighted", "merged")
-
-
 def validate(config: dict[str, Any]) -> None:
     """Raise ConfigError for the first schema or semantic problem in `config`."""
-    validator = jsonschema.Draft202012Validator(schema())
+    spec = schema()
+    validator = jsonschema.Draft202012Validator(spec)
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(list(e.absolute_path)), str(e.absolute_path)))
     if errors:
         # Report the shallowest error: a typo'd key explains the deeper ones it causes.
         raise ConfigError(_describe(errors[0]))
-    _check_semantics(config)
+    _check_semantics(config, spec["properties"]["merge"]["properties"]["methods"]["items"]["enum"])
 
 
-def _check_semantics(config: dict[str, Any]) -> None:
+def _check_semantics(config: dict[str, Any], merge_methods: list[str]) -> None:
     owner: dict[str, str] = {}
     for source, spec in config["sources"].items():
         for partition in spec["partitions"]:
@@ -114,8 +111,8 @@ def _check_semantics(config: dict[str, Any]) -> None:
             raise ConfigError(
                 f"merge.weights names unknown partition '{partition}': known partitions are {', '.join(sorted(owner))}"
             )
-    for key, proxy in config["analysis"].items():
-        if proxy in MERGE_PROXIES and proxy not in config["merge"]["methods"]:
+    for key, proxy in config["analysis"].items():  # a merge method named here must be scored
+        if proxy in merge_methods and proxy not in config["merge"]["methods"]:
             raise ConfigError(
                 f"analysis.{key} is '{proxy}', a merge method that merge.methods ({', '.join(config['merge']['methods'])}) "
                 "does not score: add it there or choose one of those, mean_ind or ind_id"
