@@ -964,17 +964,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("mergemix").setLevel(logging.WARNING if args.quiet else logging.INFO)
-    try:
+
+    def work() -> None:
         df = load_perplexity(args.perplexity)
         if df.filter(pl.col("model_kind") == "seq").height == 0:
             raise ValueError(f"{args.perplexity} has no seq rows (model_kind == 'seq')")
         scores = proxy_table(df, proxies=_split_list(args.proxies))
         corr = correlations(scores)
         write_outputs(scores, corr, args.out_dir)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+
+    return io.run_command(work, (ValueError,))
 
 
 if __name__ == "__main__":

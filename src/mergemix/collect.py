@@ -36,14 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("inputs", nargs="+", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
+
+    def work() -> None:
         table = collect(args.inputs)
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    io.write_text(args.out, table.write_csv())
-    log.info("%d rows from %d files -> %s", table.height, len(args.inputs), args.out)
-    return 0
+        io.write_text(args.out, table.write_csv())
+        log.info("%d rows from %d files -> %s", table.height, len(args.inputs), args.out)
+
+    return io.run_command(work, (ValueError,))
 
 
 if __name__ == "__main__":

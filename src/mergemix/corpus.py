@@ -56,6 +56,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from mergemix.io import run_command
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -1135,15 +1137,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    try:
+
+    def work() -> None:
         if args.command == "demo":
             build_demo(args.recipe, args.cache_dir, args.out, args.manifest)
         else:
             write_partitions(_read_spec(args), args.out_dir, write_summary=not args.no_summary)
-    except CorpusError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+
+    return run_command(work, (CorpusError,))
 
 
 if __name__ == "__main__":

@@ -324,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("reports", nargs="+", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
+
+    def work() -> None:
         if args.cmd == "filter":
             sets = [EvalSet.parse(flag) for flag in args.eval]
             build_filter(sets, args.min_paragraph_tokens, args.false_positive_rate, args.out)
@@ -334,13 +335,8 @@ def main(argv: list[str] | None = None) -> int:
             frame, markdown = table(args.reports, args.filter)
             io.write_text(args.out_csv, frame.write_csv())
             io.write_text(args.out_md, markdown)
-    except DecontaminateError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"error: {io.describe_os_error(exc)}", file=sys.stderr)
-        return 1
-    return 0
+
+    return io.run_command(work, (DecontaminateError,))
 
 
 if __name__ == "__main__":

@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
+
+    def work() -> None:
         models: dict[str, list[Path]] = {}
         for partition, path in parse_pairs(args.model, "--model"):
             models.setdefault(partition, []).append(Path(path))
@@ -247,11 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         io.write_text(args.out, rows_csv(rows))
         if args.timings:
             io.write_text(args.timings, timings_csv(timings))
-    except (EngineError, MergeError, EvalError, TokenizeError, mm.CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    log.info("%d mixtures, %d rows -> %s", len(jobs), len(rows), args.out)
-    return 0
+        log.info("%d mixtures, %d rows -> %s", len(jobs), len(rows), args.out)
+
+    return io.run_command(work, (EngineError, MergeError, EvalError, TokenizeError, mm.CheckpointError))
 
 
 if __name__ == "__main__":

@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
+
+    def work() -> None:
         domains = [Domain.parse(d) for d in args.domain]
         if not domains:
             raise EvalError("no --domain given")
@@ -221,13 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = evaluate(model, domains, args.max_docs, args.batch_size, args.seed)
         ident = {"model_kind": args.model_kind, "model_id": args.model_id, "mixture": args.mixture, "method": args.method}
         io.write_text(args.out, rows_csv([{**ident, **row} for row in rows]))
-    except (EvalError, TokenizeError, mm.CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"error: {io.describe_os_error(exc)}", file=sys.stderr)
-        return 1
-    return 0
+
+    return io.run_command(work, (EvalError, TokenizeError, mm.CheckpointError))
 
 
 if __name__ == "__main__":

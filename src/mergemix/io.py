@@ -16,9 +16,10 @@ import mmap
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 
@@ -91,6 +92,26 @@ def describe_os_error(exc: OSError) -> str:
     if exc.errno == errno.ENOSPC:
         return f"no space left on device while writing {where}: free space and rerun (nothing partial was kept)"
     return f"cannot access {where}: {exc.strerror or exc}"
+
+
+def run_command(work: Callable[[], object], errors: tuple[type[Exception], ...]) -> int:
+    """Every stage's command-line ending: run `work` and return the exit status.
+
+    0 when it returns. 1, after one `error: ...` line on stderr, when it raises one of
+    `errors` (the stage's own, each naming its culprit) or an OSError (a missing,
+    unreadable or full-disk file, named by describe_os_error). Anything else is a bug
+    and keeps its traceback.
+    """
+    try:
+        work()
+    except errors as exc:
+        message = str(exc)
+    except OSError as exc:
+        message = describe_os_error(exc)
+    else:
+        return 0
+    print(f"error: {message}", file=sys.stderr)
+    return 1
 
 
 def save_tensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:

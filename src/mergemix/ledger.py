@@ -406,7 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("mergemix").setLevel(logging.WARNING if args.quiet else logging.INFO)
-    try:
+
+    def work() -> None:
         for name in ("partitions", "k", "mixtures"):
             if getattr(args, name) is not None and getattr(args, name) < 0:
                 raise LedgerError(f"--{name} must be >= 0, got {getattr(args, name)}")
@@ -418,10 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         k = args.k if args.k is not None else _seq_size(stages)
         rows = ledger(stages, n, k, args.mixtures)
         write_outputs(rows, args.out_dir, n, k)
-    except LedgerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+
+    return io.run_command(work, (LedgerError,))
 
 
 if __name__ == "__main__":

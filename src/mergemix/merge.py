@@ -303,20 +303,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
+
+    def work() -> None:
         groups: dict[str, list[Path]] = {}
         for partition, path in parse_pairs(args.model, "--model"):
             groups.setdefault(partition, []).append(Path(path))
         tokens = partition_shares(args.tokens, args.weight)
         sidecar = merge(args.method, groups, args.out, tokens)
         log.info("merged %d checkpoints (%s) into %s", len(sidecar["weights"]), args.method, args.out)
-    except (MergeError, mm.CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"error: {io.describe_os_error(exc)}", file=sys.stderr)
-        return 1
-    return 0
+
+    return io.run_command(work, (MergeError, mm.CheckpointError))
 
 
 if __name__ == "__main__":

@@ -73,6 +73,7 @@ from mergemix.analyze import (
     proxy_sort_key,
     write_if_changed,
 )
+from mergemix.io import run_command
 
 log = logging.getLogger("mergemix.plots")
 
@@ -410,14 +411,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     grid = None
     if args.grid_proxies:
         grid = [v for item in args.grid_proxies for v in item.replace(",", " ").split() if v]
-    try:
+
+    def work() -> None:
         scores = load_scores(args.scores)
         corr = load_correlations(args.correlations)
         make_figures(scores, corr, args.out_dir, proxy=args.proxy, grid_proxies=grid)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+
+    return run_command(work, (ValueError,))
 
 
 if __name__ == "__main__":

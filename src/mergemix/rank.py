@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import polars as pl
 
 from mergemix import analyze
+from mergemix.io import run_command
 
 log = logging.getLogger("mergemix.rank")
 
@@ -141,18 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+
+    def work() -> None:
         table = ranking(analyze.load_perplexity(args.perplexity), args.proxy)
         analyze.write_if_changed(args.out_csv, table.write_csv())
         analyze.write_if_changed(args.out_md, markdown(table, args.top))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if table.height:
-        best = table.row(0, named=True)
-        log.info("ranked %d mixtures by %s; best: %s (OOD score %.3f)",
-                 table.height, args.proxy, best["mixture"], best["ood_score"])
-    return 0
+        if table.height:
+            best = table.row(0, named=True)
+            log.info("ranked %d mixtures by %s; best: %s (OOD score %.3f)",
+                     table.height, args.proxy, best["mixture"], best["ood_score"])
+
+    return run_command(work, (ValueError,))
 
 
 if __name__ == "__main__":

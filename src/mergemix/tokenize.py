@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--heldout-only", action="store_true", help="all documents are evaluation documents")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
+
+    def work() -> None:
         if args.cmd == "tokenizer":
             if args.name:
                 fetch_pretrained(args.name, args.out_dir)
@@ -260,13 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             splits = ("heldout",) if args.heldout_only else ("train", "heldout")
             make_shards(args.input, args.tokenizer, args.out_dir, args.heldout_fraction, args.segment_chars, args.seed, splits)
-    except TokenizeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"error: {io.describe_os_error(exc)}", file=sys.stderr)
-        return 1
-    return 0
+
+    return io.run_command(work, (TokenizeError,))
 
 
 if __name__ == "__main__":

@@ -450,10 +450,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
+
+    def work() -> None:
         if args.pretrained:
             import_seed(args.pretrained, args.tokenizer, args.out)
-            return 0
+            return
         train_section = json.loads(args.train_json)
         fields = ("precision", "zero_stage", "betas", "weight_decay", "grad_clip", "checkpoint_every")
         if args.checkpoint_every is not None:
@@ -472,13 +473,8 @@ def main(argv: list[str] | None = None) -> int:
             init=args.init,
             data_meta=json.loads(args.meta_json),
         )
-    except (TrainError, TokenizeError, mm.CheckpointError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"error: {io.describe_os_error(exc)}", file=sys.stderr)
-        return 1
-    return 0
+
+    return io.run_command(work, (TrainError, TokenizeError, mm.CheckpointError, ValueError))
 
 
 if __name__ == "__main__":
