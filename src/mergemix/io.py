@@ -44,9 +44,14 @@ def clear_stale(target: Path) -> None:
     """Remove temporaries a killed writer left beside `target` (`.{name}.*.tmp`).
 
     Snakemake never runs two jobs writing the same output, so any such file or folder
-    is debris of an earlier, interrupted attempt.
+    is debris of an earlier, interrupted attempt. The match is exact (tempfile's eight
+    random characters): `.a.*.tmp` would also take `.a.b.xxxxxxxx.tmp`, the live staging
+    folder of a job writing `a.b` beside it.
     """
+    own = re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.tmp")
     for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        if not own.fullmatch(stale.name):
+            continue
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
         else:
