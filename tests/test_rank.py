@@ -74,6 +74,18 @@ def test_mean_ind_ranks_mixtures_no_seq_model_was_trained_on():
     assert out["seq_ood_score"].null_count() == 4
 
 
+def test_a_diverged_model_ranks_last_instead_of_scrambling_the_order(caplog):
+    broken = table().with_columns(
+        pl.when((pl.col("model_id") == "micro-A+B") & (pl.col("domain") == "news"))
+        .then(float("nan")).otherwise(pl.col("nll_sum")).alias("nll_sum"))
+    broken = broken.with_columns((pl.col("nll_sum") / pl.col("n_tokens")).exp().alias("ppl"))
+    out = rank.ranking(broken, "micro")
+    assert out["mixture"].to_list() == ["B+C", "A+C", "A+B"]
+    assert out["ood_score"].to_list()[:2] == pytest.approx([e(0.75), e(1.5)], rel=1e-12)
+    assert out["ood_score"][2] == math.inf
+    assert "mixture A+B has proxy_ppl nan on news; ranked last" in caplog.text
+
+
 def test_a_proxy_nobody_scored_is_refused_by_name():
     with pytest.raises(rank.RankError, match="'macro'.*merged methods scored: micro"):
         rank.ranking(table(), "macro")

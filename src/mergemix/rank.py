@@ -51,7 +51,9 @@ def geometric_mean(values: Sequence[float]) -> float:
 def ood_scores(long: pl.DataFrame, value: str, ood: Sequence[str]) -> dict[str, float]:
     """Each mixture's geometric mean of ``value`` over the OOD domains ``ood``.
 
-    A mixture lacking one of the domains gets no score (warned).
+    A mixture lacking one of the domains gets no score (warned). One whose value is not a
+    positive finite number on some domain (a diverged or broken model: NaN, inf, 0)
+    scores inf, so it ranks last instead of scrambling the order (warned).
     """
     by_mixture: dict[str, dict[str, float]] = {}
     for mixture, domain, v in long.select("mixture", "domain", value).iter_rows():
@@ -61,6 +63,12 @@ def ood_scores(long: pl.DataFrame, value: str, ood: Sequence[str]) -> dict[str, 
         missing = [d for d in ood if d not in values]
         if missing:
             log.warning("mixture %s lacks %s on %s; not ranked", mixture, value, ", ".join(missing))
+            continue
+        broken = [d for d in ood if not (values[d] is not None and 0 < values[d] < math.inf)]
+        if broken:
+            log.warning("mixture %s has %s %s on %s; ranked last", mixture, value,
+                        values[broken[0]], ", ".join(broken))
+            scores[mixture] = math.inf
             continue
         scores[mixture] = geometric_mean([values[d] for d in ood])
     return scores
