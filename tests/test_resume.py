@@ -34,10 +34,11 @@ def shard(tmp_path_factory, texts, tokenizer_dir):
     return root / "docs" / "train"
 
 
-def command(shard, tokenizer_dir, out):
+def command(shard, tokenizer_dir, out, **engine):
     return [sys.executable, "-m", "mergemix.train", "--kind", "seed", "--tokenizer", str(tokenizer_dir),
             "--unit", f"{shard}:0", "--unit-tokens", "40000", "--model-json", json.dumps(MODEL),
-            "--train-json", json.dumps(TRAIN), "--phase-json", json.dumps(PHASE), "--threads", "1", "--out", str(out)]
+            "--train-json", json.dumps(dict(TRAIN, **engine)), "--phase-json", json.dumps(PHASE), "--threads", "1",
+            "--out", str(out)]
 
 
 def run(cmd):
@@ -119,6 +120,31 @@ def test_state_from_other_settings_is_not_resumed(shard, tokenizer_dir, referenc
     cmd[cmd.index("--phase-json") + 1] = json.dumps(dict(PHASE, lr=1e-3))
     done = run(cmd)
     assert "ignoring resume state" in done.stderr and "resuming" not in done.stderr
+
+
+def test_changing_checkpoint_every_still_resumes(shard, tokenizer_dir, reference, tmp_path):
+    """checkpoint_every only decides when states are written: a state written under another
+    value is resumed, and the run still ends bit for bit where the reference does."""
+    out = tmp_path / "every"
+    proc = start_and_signal(command(shard, tokenizer_dir, out), out, 4, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    done = run([*command(shard, tokenizer_dir, out), "--checkpoint-every", "6"])
+    assert "resuming seed" in done.stderr
+    assert_same_weights(reference, out)
+
+
+def test_bf16_with_zero_resumes_bit_for_bit(shard, tokenizer_dir, tmp_path):
+    """The paper config's engine (bf16, ZeRO stage 1): the resume state holds ZeRO's fp32
+    copies of the weights and its moments, so a preempted run ends where an uninterrupted
+    one does (bf16 weights alone would lose the fp32 copies' low bits)."""
+    engine = {"precision": "bf16", "zero_stage": 1}
+    reference = tmp_path / "reference"
+    run(command(shard, tokenizer_dir, reference, **engine))
+    out = tmp_path / "preempted"
+    proc = start_and_signal(command(shard, tokenizer_dir, out, **engine), out, 8, signal.SIGTERM)
+    assert proc.returncode == 143, proc.stderr.read()[-2000:]
+    assert "resuming seed" in run(command(shard, tokenizer_dir, out, **engine)).stderr
+    assert_same_weights(reference, out)
 
 
 def test_a_merge_killed_at_any_moment_leaves_a_complete_checkpoint_or_none(tmp_path, tiny_model_config):

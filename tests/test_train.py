@@ -108,3 +108,54 @@ def test_seq_on_two_data_parallel_ranks_matches_one_process(shards, seed, tokeni
     assert loss1.len() == loss2.len() and (loss1 - loss2).abs().max() < 1e-4
     seed_weights = load_file(seed / mm.WEIGHTS)
     assert not torch.equal(one["lm_head.weight"], seed_weights["lm_head.weight"])  # it did train
+
+
+def train_with(engine, *args):
+    """run_train with other train settings (precision, ZeRO stage)."""
+    cmd = [sys.executable, "-m", "mergemix.train", "--model-json", json.dumps(MODEL),
+           "--train-json", json.dumps(dict(TRAIN, **engine)), "--threads", "1", *map(str, args)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_zero_carries_the_seeds_moments_as_stage_0_does(seed, shards, tokenizer_dir, tmp_path):
+    """ZeRO keeps AdamW's moments in flat fp32 partitions, not per parameter: a unit trained
+    under stage 1 must start from the seed's moments exactly as under stage 0, and so end
+    with the same weights (moments lost on the way would give other weights)."""
+    phase = {"batch_size": 4, "lr": 1e-3, "min_lr": 1e-3, "warmup_steps": 2}
+    n_params = len(load_file(seed / mm.WEIGHTS))
+    outs = {}
+    for stage in (0, 1):
+        outs[stage] = tmp_path / f"stage{stage}"
+        train_with({"zero_stage": stage}, "--kind", "unit", "--tokenizer", tokenizer_dir, "--init", seed,
+                   "--unit", f"{shards}/typing/train:0", "--unit-tokens", 2000,
+                   "--phase-json", json.dumps(phase), "--out", outs[stage])
+        assert mm.read_sidecar(outs[stage])["optimizer_tensors_carried"] == n_params
+    zero, plain = load_file(outs[1] / mm.WEIGHTS), load_file(outs[0] / mm.WEIGHTS)
+    for name in plain:
+        torch.testing.assert_close(zero[name], plain[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_bf16_with_zero_saves_and_carries_moments(shards, tokenizer_dir, tmp_path):
+    """The paper config's engine (bf16, ZeRO stage 1), on the CPU: the seed writes AdamW's
+    moments for every parameter and a unit continues from them."""
+    bf16 = {"precision": "bf16", "zero_stage": 1}
+    seed_dir, unit_dir = tmp_path / "seed", tmp_path / "unit"
+    train_with(bf16, "--kind", "seed", "--tokenizer", tokenizer_dir, "--unit", f"{shards}/argparse/train:0",
+               "--unit-tokens", 2000, "--out", seed_dir,
+               "--phase-json", json.dumps({"batch_size": 4, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 3}))
+    weights = load_file(seed_dir / mm.WEIGHTS)
+    moments = load_file(seed_dir / "optimizer.safetensors")
+    assert {f"exp_avg.{name}" for name in weights} <= set(moments)
+    steps = mm.read_sidecar(seed_dir)["steps"]
+    for name in weights:
+        assert moments[f"exp_avg_sq.{name}"].dtype == torch.float32
+        assert moments[f"exp_avg_sq.{name}"].abs().sum() > 0, name
+        assert moments[f"step.{name}"].item() == steps
+    train_with(bf16, "--kind", "unit", "--tokenizer", tokenizer_dir, "--init", seed_dir,
+               "--unit", f"{shards}/typing/train:0", "--unit-tokens", 2000, "--out", unit_dir,
+               "--phase-json", json.dumps({"batch_size": 4, "lr": 1e-3, "min_lr": 1e-3, "warmup_steps": 2}))
+    assert mm.read_sidecar(unit_dir)["optimizer_tensors_carried"] == len(weights)
+    unit = load_file(unit_dir / mm.WEIGHTS)
+    assert any(not torch.equal(weights[k], unit[k]) for k in weights)

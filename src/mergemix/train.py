@@ -56,6 +56,11 @@ def parse_unit(spec: str) -> tuple[Path, int]:
     return Path(prefix), int(index)
 
 
+def unit_hashes(units: list[str]) -> list[str | None]:
+    """The sha256 of each unit's token shard, from its sidecar (what a resume state was trained on)."""
+    return [io.read_json(parse_unit(spec)[0].with_suffix(".json")).get("bin_sha256") for spec in units]
+
+
 def windows(units: list[str], unit_tokens: int, context: int, expect_tokenizer: str) -> np.ndarray:
     """All training windows of the given base units, shape (N, context + 1), int64.
 
@@ -90,25 +95,66 @@ def lr_at(step: int, total: int, phase: PhaseConfig) -> float:
 
 
 # --- optimizer state -------------------------------------------------------------------
+# DeepSpeed keeps AdamW's moments in one of two places. Without ZeRO (fp32 only; config.py
+# refuses bf16 at stage 0) they are the torch optimizer's own per-parameter state. With
+# ZeRO (stages 1 and 2, fp32 or bf16) they live in flat fp32 partitions behind the
+# engine's optimizer, reached per parameter through deepspeed.utils' safe_get/safe_set
+# calls, which gather across the ranks: every rank must make them, in the same order.
+MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """AdamW moments keyed by parameter name, for carrying into continued pretraining."""
+def _zero(param: torch.nn.Parameter) -> bool:
+    """Whether ZeRO holds this parameter's fp32 copy and moments."""
+    return hasattr(param, "_hp_mapping")
+
+
+def _zero_steps(optimizer: Any) -> list[dict[str, Any]]:
+    """The step-holding states of ZeRO's flat partitions (one per parameter group)."""
+    return list(optimizer.optimizer.state.values())
+
+
+def _zero_create_state(optimizer: Any, step: torch.Tensor) -> None:
+    """ZeRO creates AdamW's state at its first step; create it now (zero moments at the
+    saved step count) and link it to the parameters, so that safe_set can fill it."""
+    for flat in optimizer.single_partition_of_fp32_groups:
+        optimizer.optimizer.state[flat] = {
+            "step": step.clone(), "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)
+        }
+    optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: Any) -> dict[str, torch.Tensor]:
+    """AdamW moments keyed by parameter name (float32, CPU), for continued pretraining and resumes."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
     out: dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters():
-        state = optimizer.state.get(param, {})
-        if "exp_avg" in state:
-            out[f"exp_avg.{name}"] = state["exp_avg"].detach().float().cpu().contiguous()
-            out[f"exp_avg_sq.{name}"] = state["exp_avg_sq"].detach().float().cpu().contiguous()
-            out[f"step.{name}"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1)
+        if _zero(param):
+            avg, sq = (safe_get_full_optimizer_state(param, key) for key in MOMENTS)
+            step = _zero_steps(optimizer)[0]["step"]
+        else:
+            state = optimizer.state.get(param, {})
+            if "exp_avg" not in state:
+                continue
+            avg, sq, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
+        out[f"exp_avg.{name}"] = avg.detach().float().cpu().contiguous()
+        out[f"exp_avg_sq.{name}"] = sq.detach().float().cpu().contiguous()
+        out[f"step.{name}"] = torch.tensor([float(step)], dtype=torch.float32)
     return out
 
 
-def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> int:
-    """Put the seed's AdamW moments into `optimizer`; returns how many tensors were set."""
+def load_optimizer_state(model: torch.nn.Module, optimizer: Any, path: Path) -> int:
+    """Put saved AdamW moments into the engine's optimizer (after deepspeed.initialize, so
+    they land on the parameters' device and in ZeRO's partitions); returns how many
+    tensors were set."""
+    from deepspeed.utils import safe_set_full_optimizer_state
     from safetensors.torch import load_file
 
     saved = load_file(path)
+    if any(_zero(param) for param in model.parameters()):
+        steps = [k for k in saved if k.startswith("step.")]
+        if steps:  # AdamW steps every parameter together: one count for all
+            _zero_create_state(optimizer, saved[steps[0]].reshape(()))
     count = 0
     for name, param in model.named_parameters():
         key = f"exp_avg.{name}"
@@ -116,13 +162,37 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
             raise TrainError(f"optimizer state {path} has no moments for parameter '{name}': the seed does not match the model")
         if saved[key].shape != param.shape:
             raise TrainError(f"optimizer state {path}: '{name}' has shape {tuple(saved[key].shape)}, the model {tuple(param.shape)}")
-        optimizer.state[param] = {
-            "step": saved[f"step.{name}"].reshape(()).clone(),
-            "exp_avg": saved[key].to(param.dtype),
-            "exp_avg_sq": saved[f"exp_avg_sq.{name}"].to(param.dtype),
-        }
+        if _zero(param):
+            for moment in MOMENTS:
+                safe_set_full_optimizer_state(param, saved[f"{moment}.{name}"].to(param.device), moment)
+        else:
+            optimizer.state[param] = {
+                "step": saved[f"step.{name}"].reshape(()).clone(),
+                **{moment: saved[f"{moment}.{name}"].to(param.device, param.dtype) for moment in MOMENTS},
+            }
         count += 1
     return count
+
+
+def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors on the CPU, each parameter at the precision the optimizer keeps
+    it (ZeRO's fp32 copy under bf16), so a resume continues from the same numbers."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    for name, param in model.named_parameters():
+        if _zero(param):
+            state[name] = safe_get_full_fp32_param(param)
+    return {k: v.cpu().contiguous() for k, v in state.items()}
+
+
+def restore_full_weights(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Give ZeRO back the fp32 copies `full_weights` saved (it built its own from bf16)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    for name, param in model.named_parameters():
+        if _zero(param):
+            safe_set_full_fp32_param(param, saved[name].to(param.device))
 
 
 # --- resumable state -------------------------------------------------------------------
@@ -135,16 +205,19 @@ def fingerprint(**what: Any) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def save_resume(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+def save_resume(out: Path, weights: dict[str, torch.Tensor], moments: dict[str, torch.Tensor], step: int,
                 metrics: list[dict[str, Any]], key: str) -> Path:
-    """Write `out/.resume/step-NNNNNNNN/` atomically (a folder renamed into place), then drop older ones."""
+    """Write `out/.resume/step-NNNNNNNN/` atomically (a folder renamed into place), then drop older ones.
 
+    `weights` and `moments` come from `full_weights` and `optimizer_state`, which every
+    rank computes (ZeRO gathers them); rank 0 alone writes.
+    """
     root = out / RESUME_DIR
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"step-{step:08d}"
     with io.StagingDir(target) as stage:
-        io.save_tensors({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, stage.path / mm.WEIGHTS)
-        io.save_tensors(optimizer_state(model, optimizer), stage.path / OPTIMIZER_FILE)
+        io.save_tensors(weights, stage.path / mm.WEIGHTS)
+        io.save_tensors(moments, stage.path / OPTIMIZER_FILE)
         io.write_json(stage.path / "state.json", {"step": step, "fingerprint": key, "metrics": metrics})
         if target.exists():  # written by an earlier attempt with other settings
             shutil.rmtree(target)
@@ -307,18 +380,19 @@ def train(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=phase.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay
     )
-    carried = 0
-    if init is not None and (init / OPTIMIZER_FILE).is_file():
-        carried = load_optimizer_state(model, optimizer, init / OPTIMIZER_FILE)
-    key = fingerprint(kind=kind, units=units, unit_tokens=unit_tokens, model=asdict(mcfg), train=asdict(tcfg),
-                      phase=asdict(phase), seed=seed, init=seed_sha, tokenizer=tok_hash)
+    # checkpoint_every decides only when states are written, so it is not part of the key;
+    # the shards' hashes are: a state trained on data since rebuilt is not resumed.
+    key = fingerprint(kind=kind, units=units, data=unit_hashes(units), unit_tokens=unit_tokens, model=asdict(mcfg),
+                      train={**asdict(tcfg), "checkpoint_every": None}, phase=asdict(phase), seed=seed,
+                      init=seed_sha, tokenizer=tok_hash)
     start, metrics = 0, []
     resume = latest_resume(out, key)
+    resumed = None
     if resume is not None:
         from safetensors.torch import load_file
 
-        model.load_state_dict(load_file(resume / mm.WEIGHTS))
-        load_optimizer_state(model, optimizer, resume / OPTIMIZER_FILE)
+        resumed = load_file(resume / mm.WEIGHTS)
+        model.load_state_dict(resumed)
         state = io.read_json(resume / "state.json")
         start, metrics = state["step"], state["metrics"]
         log.info("resuming %s from %s (step %d of %d)", kind, resume, start, steps)
@@ -330,6 +404,12 @@ def train(
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(phase.batch_size, tcfg, world)
     )
+    carried = 0
+    if resume is not None:
+        restore_full_weights(engine.module, resumed)
+        load_optimizer_state(engine.module, optimizer, resume / OPTIMIZER_FILE)
+    elif init is not None and (init / OPTIMIZER_FILE).is_file():
+        carried = load_optimizer_state(engine.module, optimizer, init / OPTIMIZER_FILE)
     rank0 = engine.global_rank == 0
     micro = phase.batch_size // world
     mine = slice(engine.global_rank * micro, (engine.global_rank + 1) * micro)  # this rank's share of a batch
@@ -362,8 +442,10 @@ def train(
         bar.set_postfix(loss=f"{mean_loss:.3f}")
         done = step + 1
         periodic = tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0 and done < steps
-        if rank0 and (periodic or stop):
-            save_resume(out, engine.module, optimizer, done, metrics, key)
+        if periodic or stop:
+            weights, moments = full_weights(engine.module), optimizer_state(engine.module, optimizer)
+            if rank0:
+                save_resume(out, weights, moments, done, metrics, key)
         if stop:
             log.warning("SIGTERM: saved state at step %d of %d in %s; rerun to resume", done, steps, out / RESUME_DIR)
             raise SystemExit(143)
@@ -385,9 +467,9 @@ def train(
         "phase": asdict(phase),
         "random_seed": seed,
     }
+    extra = {OPTIMIZER_FILE: optimizer_state(engine.module, optimizer)} if kind == "seed" else None
     if rank0:
         module = engine.module
-        extra = {OPTIMIZER_FILE: optimizer_state(module, optimizer)} if kind == "seed" else None
         _write_metrics(out / METRICS_FILE, metrics)
         sidecar = mm.save(module, out, sidecar, extra, is_seed=kind == "seed")
         shutil.rmtree(out / RESUME_DIR, ignore_errors=True)
