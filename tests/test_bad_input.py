@@ -95,6 +95,8 @@ CONFIG_CASES = {
     "k above the partition count": (_set("mixtures.k", 40), "mixtures.k"),
     "bad partition name": (_set("sources.sotu.partitions", {"../up": 1}), "../up"),
     "ranking by a merge method not scored": (_set("analysis.rank_by", "macro"), "analysis.rank_by"),
+    "unit smaller than one batch": (_set("train.unit_tokens", 100), "train.unit_tokens"),
+    "bf16 without ZeRO": (_set("train.precision", "bf16"), "train.zero_stage"),
 }
 
 

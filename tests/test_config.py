@@ -34,6 +34,16 @@ def test_shipped_config_validates_and_plans(shipped):
         (lambda c: c["sources"].update(other=copy.deepcopy(c["sources"]["sotu"])), "duplicate partition name"),
         (lambda c: c["sources"]["sotu"]["partitions"].update({"bad/name": 1}), "'bad/name' does not match"),
         (lambda c: c["sources"]["sotu"].update(load={"demo": "sotu", "path": "json"}), "exactly one of"),
+        (lambda c: c["sources"]["sotu"]["partitions"].update({"..": 1}), "'..' does not match"),
+        (lambda c: c["sources"]["sotu"]["partitions"].update({"ood-mean": 1}), "'ood-mean' is reserved"),
+        (lambda c: c["eval"]["ood"].update({"in-domain": c["eval"]["ood"]["pydoc"]}), "'in-domain' is reserved"),
+        (lambda c: c.update(random_seed=2**64), "'random_seed'"),
+        (lambda c: c["train"].update(zero_stage=3), "'train.zero_stage'"),
+        (lambda c: c["train"].update(precision="bf16"), "train.precision bf16 needs train.zero_stage 1 or 2"),
+        (lambda c: c["train"].update(unit_tokens=10), "train.unit_tokens is 10, fewer than one batch"),
+        (lambda c: c["train"]["seed_phase"].update(tokens=100), "train.seed_phase.tokens is 100"),
+        (lambda c: c["resources"]["seq"].update(processes=3), "cannot be split over the 3 processes"),
+        (lambda c: c["merge"].update(weights={"1850s": 1e308, "1870s": 1e308}), "merge.weights add up"),
     ],
 )
 def test_bad_config_names_the_key(shipped, mutate, expected):

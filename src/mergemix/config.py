@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import random
 from dataclasses import dataclass
 from importlib import resources
@@ -19,6 +20,9 @@ import jsonschema
 import yaml
 
 MIXTURE_SEP = "+"
+# Domain names the analysis derives (mergemix.analyze.IN_DOMAIN, OOD_MEAN): no partition
+# or evaluation set may take them.
+RESERVED_DOMAINS = ("in-domain", "ood-mean")
 
 
 class ConfigError(ValueError):
@@ -78,6 +82,9 @@ def _check_semantics(config: dict[str, Any], merge_methods: list[str]) -> None:
     clash = set(owner) & set(config["eval"]["ood"])
     if clash:
         raise ConfigError(f"eval.ood name '{sorted(clash)[0]}' is also a partition name: rename one of them")
+    for name in [*owner, *config["eval"]["ood"]]:
+        if name in RESERVED_DOMAINS:
+            raise ConfigError(f"'{name}' is reserved for a derived row of the analysis: rename that partition or eval.ood set")
     for source, spec in config["sources"].items():
         if "seed_heldout" in spec["load"]:
             raise ConfigError(f"sources.{source}.load: seed_heldout is only valid for eval.ood sets")
@@ -111,6 +118,8 @@ def _check_semantics(config: dict[str, Any], merge_methods: list[str]) -> None:
             raise ConfigError(
                 f"merge.weights names unknown partition '{partition}': known partitions are {', '.join(sorted(owner))}"
             )
+    if not math.isfinite(sum(config["merge"].get("weights", {}).values())):
+        raise ConfigError("merge.weights add up to more than a float can hold: scale them down (only their ratios matter)")
     for key, proxy in config["analysis"].items():  # a merge method named here must be scored
         if proxy in merge_methods and proxy not in config["merge"]["methods"]:
             raise ConfigError(
@@ -119,6 +128,7 @@ def _check_semantics(config: dict[str, Any], merge_methods: list[str]) -> None:
             )
     _check_model(config["model"], "model")
     _check_phases(config["train"], "train")
+    _check_engine(config)
     transfer = config.get("transfer")
     if transfer:
         _check_model(transfer["model"], "transfer.model")
@@ -162,6 +172,34 @@ def _check_phases(section: dict[str, Any], key: str) -> None:
         lr, min_lr = section[phase]["lr"], section[phase]["min_lr"]
         if min_lr > lr:
             raise ConfigError(f"{key}.{phase}.min_lr ({min_lr}) is larger than {key}.{phase}.lr ({lr})")
+
+
+def _check_engine(config: dict[str, Any]) -> None:
+    """Settings every training job would fail on after the seed: refused before it."""
+    train = config["train"]
+    if train["precision"] == "bf16" and train["zero_stage"] == 0:
+        raise ConfigError(
+            "train.precision bf16 needs train.zero_stage 1 or 2: DeepSpeed's stage-0 bf16 optimizer keeps "
+            "AdamW's moments where they cannot be carried from the seed into continued pretraining"
+        )
+    if not config["seed"].get("pretrained"):  # a pretrained seed brings its own context length
+        context = config["model"]["context_length"]
+        for phase, key, tokens in (("continued", "unit_tokens", train["unit_tokens"]),
+                                   ("seed_phase", "seed_phase.tokens", train["seed_phase"]["tokens"])):
+            batch = train[phase]["batch_size"]
+            if tokens <= batch * context:
+                raise ConfigError(
+                    f"train.{key} is {tokens}, fewer than one batch of train.{phase}.batch_size x "
+                    f"model.context_length ({batch} x {context}) + 1 tokens: raise train.{key} or lower the batch size"
+                )
+    seq = config["resources"]["seq"]
+    ranks = seq["gpu"] if seq["gpu"] > 0 else seq.get("processes", 1)
+    batch = train["continued"]["batch_size"]
+    if batch % ranks:
+        raise ConfigError(
+            f"train.continued.batch_size ({batch}) cannot be split over the {ranks} processes of a seq job "
+            f"(resources.seq.{'gpu' if seq['gpu'] > 0 else 'processes'}): make it a multiple of {ranks}"
+        )
 
 
 def load(path: str) -> dict[str, Any]:
