@@ -34,6 +34,16 @@ if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
     )
 
 
+# Where downloads and DeepSpeed's compiled ops are cached (cache_dir) reaches the jobs
+# through the environment instead of params (Snakemake reruns a job whose params
+# change), so moving the cache retrains nothing. A TORCH_EXTENSIONS_DIR set by the user
+# wins.
+os.environ.update(
+    MERGEMIX_CACHE=config["cache_dir"],
+    TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR")
+    or os.path.join(config["cache_dir"], "torch_extensions"),
+)
+
 PARTITIONS = mmconfig.partitions(config)  # partition -> source
 MIXTURES = mmconfig.mixtures(config)
 SEQ_MIXTURES = mmconfig.seq_mixtures(config, MIXTURES)

@@ -18,10 +18,8 @@ rule demo_corpus:
     resources:
         mem_mb=res("light", "mem_mb"),
         runtime=res("light", "runtime"),
-    params:
-        cache=config["cache_dir"],
     shell:
-        "python -m mergemix.corpus demo --recipe {wildcards.recipe} --cache-dir {params.cache}"
+        'python -m mergemix.corpus demo --recipe {wildcards.recipe} --cache-dir "$MERGEMIX_CACHE"'
         " --out {output.parquet} --manifest {output.manifest} > {log} 2>&1"
 
 

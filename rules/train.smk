@@ -2,10 +2,10 @@
 
 # Only the settings a model depends on go into its rule's params (Snakemake reruns a job
 # when its params change): the optimizer and engine for every model, the seed phase for
-# the seed, the continued phase and unit size for the rest. train.checkpoint_every only
-# decides how often resume states are written, an operational setting like runtime, so
-# it is passed as a resource, which (unlike params and the command text) Snakemake does
-# not watch: changing it retrains nothing.
+# the seed, the continued phase and unit size for the rest. train.checkpoint_every (how
+# often resume states are written) and a seq job's processes and threads per process are
+# operational settings like runtime, so they are passed as resources, which (unlike
+# params and the command text) Snakemake does not watch: changing them retrains nothing.
 CHECKPOINT_EVERY = config["train"]["checkpoint_every"]
 ENGINE_KEYS = ("precision", "zero_stage", "betas", "weight_decay", "grad_clip")
 TRAIN_FLAGS = (
@@ -13,7 +13,6 @@ TRAIN_FLAGS = (
     f" --train-json {json_flag({k: config['train'][k] for k in ENGINE_KEYS})} --seed {config['random_seed']}"
 )
 CONTINUED = f"--init work/models/seed --phase-json {json_flag(config['train']['continued'])} --unit-tokens {config['train']['unit_tokens']}"
-EXT_DIR = f"{config['cache_dir']}/torch_extensions"
 SEED_PHASE = {k: v for k, v in config["train"]["seed_phase"].items() if k != "tokens"}
 
 
@@ -46,9 +45,8 @@ rule seed:
             f" --phase-json {json_flag(SEED_PHASE)}"
         ),
         flags=TRAIN_FLAGS,
-        ext=EXT_DIR,
     shell:
-        "TORCH_EXTENSIONS_DIR={params.ext} python -m mergemix.train --kind seed {params.how} {params.flags}"
+        "python -m mergemix.train --kind seed {params.how} {params.flags}"
         " --checkpoint-every {resources.checkpoint_every} --threads {threads} --out work/models/seed > {log} 2>&1"
 
 
@@ -76,9 +74,8 @@ rule unit:
     params:
         flags=f"{TRAIN_FLAGS} {CONTINUED}",
         meta=lambda w: json_flag({"partition": w.partition, "unit": int(w.unit)}),
-        ext=EXT_DIR,
     shell:
-        "TORCH_EXTENSIONS_DIR={params.ext} python -m mergemix.train --kind unit"
+        "python -m mergemix.train --kind unit"
         " --unit work/tokens/{wildcards.source}/{wildcards.partition}/train:{wildcards.unit}"
         " {params.flags} --meta-json {params.meta}"
         " --checkpoint-every {resources.checkpoint_every}"
@@ -113,9 +110,8 @@ rule ind:
         units=lambda w: " ".join(f"--unit {u}" for u in partition_units(w.partition)),
         flags=f"{TRAIN_FLAGS} {CONTINUED}",
         meta=lambda w: json_flag({"partitions": [w.partition]}),
-        ext=EXT_DIR,
     shell:
-        "TORCH_EXTENSIONS_DIR={params.ext} python -m mergemix.train --kind ind {params.units}"
+        "python -m mergemix.train --kind ind {params.units}"
         " {params.flags} --meta-json {params.meta}"
         " --checkpoint-every {resources.checkpoint_every}"
         " --threads {threads}"
@@ -143,16 +139,15 @@ rule seq:
         gpu=res("seq", "gpu"),
         checkpoint_every=CHECKPOINT_EVERY,
         cpus_per_task=cpus_per_task,
+        ranks=ranks("seq"),
+        per_rank=res("seq", "threads"),
     params:
         units=seq_unit_flags,
         flags=f"{TRAIN_FLAGS} {CONTINUED}",
         meta=lambda w: json_flag({"mixture": w.mixture}),
-        ext=EXT_DIR,
-        ranks=ranks("seq"),
-        per_rank=res("seq", "threads"),
     shell:
-        "TORCH_EXTENSIONS_DIR={params.ext} python -m mergemix.train --kind seq {params.units}"
+        "python -m mergemix.train --kind seq {params.units}"
         " {params.flags} --meta-json {params.meta}"
         " --checkpoint-every {resources.checkpoint_every}"
-        " --threads {params.per_rank} --processes {params.ranks}"
+        " --threads {resources.per_rank} --processes {resources.ranks}"
         " --out work/models/seq/{wildcards.mixture} > {log} 2>&1"

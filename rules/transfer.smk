@@ -46,9 +46,8 @@ rule seed_large:
             f" --phase-json {json_flag(LARGE_SEED_PHASE)}"
         ),
         flags=LARGE_FLAGS,
-        ext=EXT_DIR,
     shell:
-        "TORCH_EXTENSIONS_DIR={params.ext} python -m mergemix.train --kind seed {params.how} {params.flags}"
+        "python -m mergemix.train --kind seed {params.how} {params.flags}"
         " --checkpoint-every {resources.checkpoint_every} --threads {threads} --out work/models/seed_large > {log} 2>&1"
 
 
@@ -73,6 +72,8 @@ rule seq_large:
         gpu=res("seq", "gpu"),
         checkpoint_every=CHECKPOINT_EVERY,
         cpus_per_task=cpus_per_task,
+        ranks=ranks("seq"),
+        per_rank=res("seq", "threads"),
     params:
         units=seq_unit_flags,
         flags=(
@@ -80,14 +81,11 @@ rule seq_large:
             f" --unit-tokens {config['train']['unit_tokens']}"
         ),
         meta=lambda w: json_flag({"mixture": w.mixture, "size": "large"}),
-        ext=EXT_DIR,
-        ranks=ranks("seq"),
-        per_rank=res("seq", "threads"),
     shell:
-        "TORCH_EXTENSIONS_DIR={params.ext} python -m mergemix.train --kind seq {params.units}"
+        "python -m mergemix.train --kind seq {params.units}"
         " {params.flags} --meta-json {params.meta}"
         " --checkpoint-every {resources.checkpoint_every}"
-        " --threads {params.per_rank} --processes {params.ranks}"
+        " --threads {resources.per_rank} --processes {resources.ranks}"
         " --out work/models/seq_large/{wildcards.mixture} > {log} 2>&1"
 
 

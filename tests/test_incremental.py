@@ -165,3 +165,13 @@ def test_training_hyperparameter_retrains_the_models_it_shapes(study):
     # checkpoint_every only decides how often resume states are written: nothing reruns
     edit_config(study, lambda c: c["train"].update(checkpoint_every=7))
     assert plan(study) == []
+
+    # nor do where the caches live and how many threads and processes a job gets
+    def operational(config):
+        config["cache_dir"] = "another-cache"
+        for group in config["resources"].values():
+            group["threads"] += 1
+        config["resources"]["seq"]["processes"] = 2
+
+    edit_config(study, operational)
+    assert plan(study) == []
