@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -109,6 +110,27 @@ def test_average_is_bitwise_the_file_based_average(study):
     assert set(state) == set(reference)
     for name, tensor in reference.items():
         assert torch.equal(state[name], torch.from_numpy(tensor)), name
+
+
+def test_bf16_average_is_rounded_as_a_merged_checkpoint_stores_it(tmp_path, tiny_model_config):
+    """GPU runs save bfloat16 checkpoints: merge.py rounds their float32 average back to
+    bfloat16, so the engine must score that rounded model too."""
+    from mergemix import model as mm
+
+    paths = []
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        model = mm.build(tiny_model_config, 512, 0).to(torch.bfloat16)
+        paths.append(tmp_path / str(seed))
+        mm.save(model, paths[-1], {"kind": "unit", "seed_sha256": "s" * 64})
+    weights = {p: 1 / 3 for p in paths}
+    reference = merge.average(weights)  # bfloat16 bits, as merge.py writes them
+    eng = engine.Engine(paths, torch.device("cpu"), max_docs=4, seed=0)
+    eng.load_average(weights)
+    state = eng.model.state_dict()
+    for name, bits in reference.items():
+        stored = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
+        assert torch.equal(state[name].float(), stored.float()), name
 
 
 def test_one_model_mixture_is_that_models_own_evaluation(study, tmp_path):

@@ -1,3 +1,5 @@
+import math
+
 import torch
 from safetensors.torch import load_file
 
@@ -106,3 +108,29 @@ def test_merging_does_not_import_torch():
 
     code = "import sys, mergemix.merge; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0, "mergemix.merge imports torch"
+
+
+def test_a_checkpoint_given_twice_or_weights_adding_to_zero_are_refused():
+    with pytest.raises(MergeError, match="checkpoint x is given twice"):
+        merge_weights("micro", {"a": ["x", "x"], "b": ["y"]})
+    with pytest.raises(MergeError, match="add up to 0"):
+        merge_weights("weighted", {"a": ["x"], "b": ["y"]}, {"a": 0, "b": 0})
+
+
+def test_perplexity_of_a_hopeless_model_is_inf_not_an_overflow():
+    from mergemix.evaluate import perplexity
+
+    assert perplexity(1.0) == math.exp(1.0)
+    assert perplexity(1000.0) == math.inf
+    assert math.isnan(perplexity(float("nan")))
+
+
+def test_a_new_model_in_a_folder_drops_tensor_files_the_old_one_had(tmp_path, tiny_model_config):
+    """A trained seed's optimizer state must not outlive it when an imported seed replaces it."""
+    torch.manual_seed(0)
+    model = mm.build(tiny_model_config, 512, 0)
+    mm.save(model, tmp_path / "seed", {"kind": "seed"}, {"optimizer.safetensors": {"exp_avg.x": torch.zeros(2)}},
+            is_seed=True)
+    assert (tmp_path / "seed" / "optimizer.safetensors").is_file()
+    mm.save(model, tmp_path / "seed", {"kind": "seed"}, is_seed=True)
+    assert sorted(p.name for p in (tmp_path / "seed").iterdir()) == ["config.json", "mergemix.json", "model.safetensors"]

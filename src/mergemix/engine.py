@@ -152,9 +152,15 @@ class Engine:
 
     @torch.no_grad()
     def load_average(self, weights: dict[Path, float]) -> None:
-        """Copy the weighted average of resident checkpoints into the model, tensor by tensor."""
+        """Copy the weighted average of resident checkpoints into the model, tensor by tensor.
+
+        An average of bfloat16 checkpoints is rounded to bfloat16 first, as a merged
+        checkpoint stores it (merge.to_stored), so both paths score the same numbers.
+        """
         for name, target in self.targets.items():
-            target.copy_(weighted_sum((self.states[path][name].to(torch.float32), w) for path, w in weights.items()))
+            terms = [(self.states[path][name], w) for path, w in weights.items()]
+            average = weighted_sum((tensor.to(torch.float32), w) for tensor, w in terms)
+            target.copy_(average.to(terms[0][0].dtype))
 
     def prepared(self, domain: Domain) -> PreparedDomain:
         """A domain's windows, sampled and cut on first use and kept for the whole batch."""

@@ -159,12 +159,17 @@ def prepare_domain(domain: Domain, context: int, vocab: int, max_docs: int, seed
     )
 
 
+def perplexity(nll_per_token: float) -> float:
+    """exp of the mean loss; inf for a model so bad that it overflows (not an OverflowError)."""
+    return math.inf if nll_per_token > 709.0 else math.exp(nll_per_token)
+
+
 def domain_row(prepared: PreparedDomain, nll: float) -> dict:
     """The row of one model on one prepared domain, given the summed NLL of its windows."""
     row = {
         "domain": prepared.domain.name, "domain_kind": prepared.domain.kind, "n_docs": prepared.n_docs,
         "n_tokens": prepared.n_tokens, "n_bytes": prepared.n_bytes, "nll_sum": nll,
-        "ppl": math.exp(nll / prepared.n_tokens), "bpb": nll / math.log(2) / prepared.n_bytes,
+        "ppl": perplexity(nll / prepared.n_tokens), "bpb": nll / math.log(2) / prepared.n_bytes,
     }
     log.info("%s: %d docs, %d tokens, ppl %.3f, bpb %.4f", row["domain"], row["n_docs"], row["n_tokens"], row["ppl"], row["bpb"])
     return row

@@ -53,6 +53,10 @@ def merge_weights(method: str, groups: dict[str, list[str]], tokens: dict[str, f
         raise MergeError(f"unknown merge method '{method}': use one of {', '.join(METHODS)}")
     if not groups or any(not members for members in groups.values()):
         raise MergeError("every partition of a merge needs at least one checkpoint")
+    listed = [ckpt for members in groups.values() for ckpt in members]
+    twice = next((ckpt for ckpt in listed if listed.count(ckpt) > 1), None)
+    if twice is not None:
+        raise MergeError(f"checkpoint {twice} is given twice: each checkpoint enters an average once")
     if method in ("micro", "merged"):
         n = sum(len(m) for m in groups.values())
         return {ckpt: 1.0 / n for members in groups.values() for ckpt in members}
@@ -63,6 +67,9 @@ def merge_weights(method: str, groups: dict[str, list[str]], tokens: dict[str, f
         if missing:
             raise MergeError(f"weighted merge needs the token count of partition '{missing[0]}' (or its --weight)")
         total = sum(tokens[p] for p in groups)
+        if not 0 < total < math.inf:
+            raise MergeError(f"weighted merge: the token counts or weights of {', '.join(groups)} add up to {total}: "
+                             "give each partition a positive, finite count or weight")
         share = {p: tokens[p] / total for p in groups}
     return {ckpt: share[p] / len(members) for p, members in groups.items() for ckpt in members}
 
@@ -266,7 +273,10 @@ def token_count(value: str) -> int:
     path = Path(value)
     if not path.is_file():
         raise MergeError(f"--tokens {value}: not an integer and no such shard sidecar file")
-    return int(io.read_json(path)["n_tokens"])
+    meta = io.read_json(path)
+    if not isinstance(meta.get("n_tokens"), int):
+        raise MergeError(f"--tokens {value}: the sidecar has no integer n_tokens; give a token shard's .json or a number")
+    return meta["n_tokens"]
 
 
 def positive_weight(value: str) -> float:

@@ -175,5 +175,11 @@ def save(
         if is_seed:
             sidecar["seed_sha256"] = sidecar["weights_sha256"]
         io.write_json(stage.path / SIDECAR, sidecar)
+        # A tensor file an earlier model in this folder had and this one lacks (the
+        # optimizer state of a trained seed, replaced by an imported one) would be read
+        # as this model's: it goes.
+        for old in Path(out).glob("*.safetensors"):
+            if old.name != WEIGHTS and old.name not in (extra or {}):
+                old.unlink()
         stage.commit(last=(SIDECAR, WEIGHTS))
     return sidecar
