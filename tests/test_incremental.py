@@ -152,6 +152,15 @@ def test_analysis_changes_rerun_analysis_only(study):
     assert sorted(rule for rule, _ in plan(study, env)) == ["analyze", "figures", "rank"]
 
 
+def test_deleting_results_retrains_nothing(study):
+    """Benchmark files are products of the jobs they measure; the efficiency rule reads
+    them without declaring them, so `rm -r results` reruns no training job."""
+    shutil.rmtree(study / "results")
+    jobs = plan(study)
+    assert {"collect", "analyze", "efficiency"} <= {rule for rule, _ in jobs}
+    assert not [job for job in jobs if job[0] in TRAINING]
+
+
 def test_training_hyperparameter_retrains_the_models_it_shapes(study):
     """A continued-pretraining learning rate shapes every unit, ind and seq model, never the seed."""
     before = set(model_times(study))

@@ -169,6 +169,9 @@ def test_bad_files_are_named(tmp_path, capsys):
     assert "neither a benchmark" in capsys.readouterr().err
     assert ledger.main([str(tmp_path / "nothing"), "--out-dir", str(tmp_path / "out")]) == 1
     assert "no such file" in capsys.readouterr().err
+    gone = tmp_path / "deleted/results/benchmarks/train/seed.tsv"
+    assert ledger.main([str(gone), "--out-dir", str(tmp_path / "out")]) == 1
+    assert f"error: {gone}: the measurement is missing" in capsys.readouterr().err
 
 
 def test_no_seq_models_leaves_the_seq_side_blank(tmp_path):

@@ -185,6 +185,11 @@ def collect_paths(paths: Iterable[str | Path]) -> tuple[list[Path], list[Path]]:
             benches += sorted(q for q in p.rglob("*.tsv") if benchmark_stage(q))
             sides += sorted(q for q in p.rglob(SIDECAR) if sidecar_model(q))
         elif benchmark_stage(p):
+            if not p.is_file():
+                raise LedgerError(
+                    f"{p}: the measurement is missing (deleted?): rerun the job that writes it "
+                    "(snakemake --forcerun with its rule) to count it"
+                )
             benches.append(p)
         elif sidecar_model(p):
             sides.append(p)
