@@ -32,6 +32,17 @@ if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
     shell.prefix(
         f'set -euo pipefail; export PATH={shlex.quote(os.path.dirname(sys.executable))}:"$PATH"; '
     )
+else:
+    # With --sdm conda the environments in envs/ provide python and the libraries, and
+    # mergemix itself comes from this checkout's src/ folder.
+    os.environ.update(
+        PYTHONPATH=os.pathsep.join(
+            filter(
+                None,
+                [os.path.join(workflow.basedir, "src"), os.environ.get("PYTHONPATH")],
+            )
+        )
+    )
 
 
 # Where downloads and DeepSpeed's compiled ops are cached (cache_dir) reaches the jobs
