@@ -42,7 +42,7 @@ rule decontaminate:
     benchmark:
         "results/benchmarks/decontaminate/{group}/{name}.tsv"
     wildcard_constraints:
-        group=r"(?!(seed|ood)$)[A-Za-z0-9_.-]+",
+        group=r"(?!(?:seed|ood)/)[A-Za-z0-9_.-]+",
     conda:
         "../envs/mergemix.yaml"
     resources:
