@@ -157,10 +157,12 @@ PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
 }
 
-# Put our config where client commands read it, keeping whatever was there.
+# Put our config where client commands read it, keeping whatever was there. A file this
+# script wrote (its first line says so) is debris of an earlier run that was never
+# stopped, not the machine's own config: it is replaced and removed at stop.
 install_sysconf() {
     mkdir -p "$(dirname "$SYSCONF")" "$BASE/backup"
-    if [[ -e $SYSCONF ]]; then
+    if [[ -e $SYSCONF && $(head -n 1 "$SYSCONF") != "# Written by scripts/slurm_cluster.sh"* ]]; then
         cp -p "$SYSCONF" "$BACKUP"
         echo "HAD_SYSCONF=1" >>"$STATE"
     else
