@@ -90,9 +90,7 @@ def res(kind, key):
 
 
 def ranks(kind):
-    """Data-parallel training processes of a job: one per GPU, else `processes` (default 1)."""
-    group = config["resources"][kind]
-    return group["gpu"] if group["gpu"] > 0 else group.get("processes", 1)
+    return mmconfig.ranks(config, kind)
 
 
 def cpus_per_task(wildcards, threads):

@@ -46,6 +46,7 @@ import polars as pl
 from scipy import stats
 
 from mergemix import io
+from mergemix.config import IN_DOMAIN, OOD_MEAN
 
 log = logging.getLogger("mergemix.analyze")
 
@@ -77,8 +78,6 @@ MEAN_IND = "mean_ind"
 IND_ID = "ind_id"
 IND_PROXIES: tuple[str, ...] = (MEAN_IND, IND_ID)
 
-IN_DOMAIN = "in-domain"  # derived domain: union of a mixture's held-out sets
-OOD_MEAN = "ood-mean"  # summary row of correlations.csv: mean r over OOD domains
 OOD_MEAN_KIND = "mean"  # domain_kind of the summary rows
 MIXTURE_SEP = "+"
 

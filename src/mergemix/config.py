@@ -20,9 +20,10 @@ import jsonschema
 import yaml
 
 MIXTURE_SEP = "+"
-# Domain names the analysis derives (mergemix.analyze.IN_DOMAIN, OOD_MEAN): no partition
-# or evaluation set may take them.
-RESERVED_DOMAINS = ("in-domain", "ood-mean")
+# Domain names the analysis derives: no partition or evaluation set may take them.
+IN_DOMAIN = "in-domain"  # union of a mixture's held-out sets
+OOD_MEAN = "ood-mean"  # summary row of correlations.csv: mean r over OOD domains
+RESERVED_DOMAINS = (IN_DOMAIN, OOD_MEAN)
 
 
 class ConfigError(ValueError):
@@ -192,14 +193,20 @@ def _check_engine(config: dict[str, Any]) -> None:
                     f"train.{key} is {tokens}, fewer than one batch of train.{phase}.batch_size x "
                     f"model.context_length ({batch} x {context}) + 1 tokens: raise train.{key} or lower the batch size"
                 )
-    seq = config["resources"]["seq"]
-    ranks = seq["gpu"] if seq["gpu"] > 0 else seq.get("processes", 1)
+    processes = ranks(config, "seq")
     batch = train["continued"]["batch_size"]
-    if batch % ranks:
+    if batch % processes:
         raise ConfigError(
-            f"train.continued.batch_size ({batch}) cannot be split over the {ranks} processes of a seq job "
-            f"(resources.seq.{'gpu' if seq['gpu'] > 0 else 'processes'}): make it a multiple of {ranks}"
+            f"train.continued.batch_size ({batch}) cannot be split over the {processes} processes of a seq job "
+            f"(resources.seq.{'gpu' if config['resources']['seq']['gpu'] > 0 else 'processes'}): "
+            f"make it a multiple of {processes}"
         )
+
+
+def ranks(config: dict[str, Any], kind: str) -> int:
+    """Data-parallel training processes of a `resources.<kind>` job: one per GPU, else `processes` (default 1)."""
+    group = config["resources"][kind]
+    return group["gpu"] if group["gpu"] > 0 else group.get("processes", 1)
 
 
 def load(path: str) -> dict[str, Any]:

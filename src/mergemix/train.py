@@ -108,11 +108,6 @@ def _zero(param: torch.nn.Parameter) -> bool:
     return hasattr(param, "_hp_mapping")
 
 
-def _zero_steps(optimizer: Any) -> list[dict[str, Any]]:
-    """The step-holding states of ZeRO's flat partitions (one per parameter group)."""
-    return list(optimizer.optimizer.state.values())
-
-
 def _zero_create_state(optimizer: Any, step: torch.Tensor) -> None:
     """ZeRO creates AdamW's state at its first step; create it now (zero moments at the
     saved step count) and link it to the parameters, so that safe_set can fill it."""
@@ -131,7 +126,7 @@ def optimizer_state(model: torch.nn.Module, optimizer: Any) -> dict[str, torch.T
     for name, param in model.named_parameters():
         if _zero(param):
             avg, sq = (safe_get_full_optimizer_state(param, key) for key in MOMENTS)
-            step = _zero_steps(optimizer)[0]["step"]
+            step = next(iter(optimizer.optimizer.state.values()))["step"]  # ZeRO's flat partitions step together
         else:
             state = optimizer.state.get(param, {})
             if "exp_avg" not in state:
