@@ -49,8 +49,10 @@ rule analyze:
         "logs/analyze.log",
     conda:
         "../envs/analysis.yaml"
+    threads: res("light", "threads")
     resources:
-        mem_mb=res("light", "mem_mb"),
+        mem_mb=mem_mb("light"),
+        cpus_per_task=cpus_per_task,
         runtime=res("light", "runtime"),
     shell:
         "python -m mergemix.analyze --perplexity {input.table} --out-dir results > {log} 2>&1"
@@ -73,8 +75,10 @@ rule rank:
         "logs/rank.log",
     conda:
         "../envs/analysis.yaml"
+    threads: res("light", "threads")
     resources:
-        mem_mb=res("light", "mem_mb"),
+        mem_mb=mem_mb("light"),
+        cpus_per_task=cpus_per_task,
         runtime=res("light", "runtime"),
     params:
         proxy=config["analysis"]["rank_by"],
@@ -126,8 +130,10 @@ rule figures:
         "logs/figures.log",
     conda:
         "../envs/analysis.yaml"
+    threads: res("light", "threads")
     resources:
-        mem_mb=res("light", "mem_mb"),
+        mem_mb=mem_mb("light"),
+        cpus_per_task=cpus_per_task,
         runtime=res("light", "runtime"),
     params:
         proxy=config["analysis"]["figure_proxy"],
@@ -157,8 +163,10 @@ rule efficiency:
         "logs/efficiency.log",
     conda:
         "../envs/analysis.yaml"
+    threads: res("light", "threads")
     resources:
-        mem_mb=res("light", "mem_mb"),
+        mem_mb=mem_mb("light"),
+        cpus_per_task=cpus_per_task,
         runtime=res("light", "runtime"),
     params:
         # Read, not declared as inputs: a benchmark file is a product of the job it

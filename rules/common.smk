@@ -89,6 +89,19 @@ def res(kind, key):
     return config["resources"][kind][key]
 
 
+def mem_mb(kind, per=1):
+    """A rule's mem_mb: resources.<kind>.mem_mb (times `per`, e.g. ranks) on the first
+    attempt, that times the attempt number on a retry (2x, then 3x), so a job the
+    cluster killed for exceeding its memory asks for more when Snakemake resubmits it
+    (`retries` in the profile)."""
+    base = res(kind, "mem_mb") * per
+
+    def grown(wildcards, attempt):
+        return base * attempt
+
+    return grown
+
+
 def ranks(kind):
     return mmconfig.ranks(config, kind)
 

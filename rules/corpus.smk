@@ -15,8 +15,10 @@ rule demo_corpus:
         "logs/demo_corpus/{recipe}.log",
     conda:
         "../envs/mergemix.yaml"
+    threads: res("light", "threads")
     resources:
-        mem_mb=res("light", "mem_mb"),
+        mem_mb=mem_mb("light"),
+        cpus_per_task=cpus_per_task,
         runtime=res("light", "runtime"),
     shell:
         'python -m mergemix.corpus demo --recipe {wildcards.recipe} --cache-dir "$MERGEMIX_CACHE"'
@@ -33,8 +35,10 @@ rule partition:
         "logs/partition/{group}/{name}.log",
     conda:
         "../envs/mergemix.yaml"
+    threads: res("light", "threads")
     resources:
-        mem_mb=res("light", "mem_mb"),
+        mem_mb=mem_mb("light"),
+        cpus_per_task=cpus_per_task,
         runtime=res("light", "runtime"),
     params:
         spec=partition_spec,

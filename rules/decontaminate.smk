@@ -16,8 +16,10 @@ rule eval_filter:
         "results/benchmarks/decontaminate/eval_filter.tsv"
     conda:
         "../envs/mergemix.yaml"
+    threads: res("light", "threads")
     resources:
-        mem_mb=res("light", "mem_mb"),
+        mem_mb=mem_mb("light"),
+        cpus_per_task=cpus_per_task,
         runtime=res("light", "runtime"),
     params:
         sets=eval_filter_flags,
@@ -45,8 +47,10 @@ rule decontaminate:
         group=r"(?!(?:seed|ood)/)[A-Za-z0-9_.-]+",
     conda:
         "../envs/mergemix.yaml"
+    threads: res("light", "threads")
     resources:
-        mem_mb=res("light", "mem_mb"),
+        mem_mb=mem_mb("light"),
+        cpus_per_task=cpus_per_task,
         runtime=res("light", "runtime"),
     shell:
         "python -m mergemix.decontaminate partition --input {input.docs} --filter {input.filter}"
@@ -70,8 +74,10 @@ rule decontamination_table:
         "logs/decontaminate/table.log",
     conda:
         "../envs/mergemix.yaml"
+    threads: res("light", "threads")
     resources:
-        mem_mb=res("light", "mem_mb"),
+        mem_mb=mem_mb("light"),
+        cpus_per_task=cpus_per_task,
         runtime=res("light", "runtime"),
     shell:
         "python -m mergemix.decontaminate table --filter {input.filter} --out-csv {output.csv}"

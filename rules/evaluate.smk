@@ -18,7 +18,7 @@ rule evaluate_seed:
         "../envs/mergemix.yaml"
     threads: res("evaluate", "threads")
     resources:
-        mem_mb=res("evaluate", "mem_mb"),
+        mem_mb=mem_mb("evaluate"),
         runtime=res("evaluate", "runtime"),
         gpu=res("evaluate", "gpu"),
         cpus_per_task=cpus_per_task,
@@ -45,7 +45,7 @@ rule evaluate_unit:
         "../envs/mergemix.yaml"
     threads: res("evaluate", "threads")
     resources:
-        mem_mb=res("evaluate", "mem_mb"),
+        mem_mb=mem_mb("evaluate"),
         runtime=res("evaluate", "runtime"),
         gpu=res("evaluate", "gpu"),
         cpus_per_task=cpus_per_task,
@@ -74,7 +74,7 @@ rule evaluate_ind:
         "../envs/mergemix.yaml"
     threads: res("evaluate", "threads")
     resources:
-        mem_mb=res("evaluate", "mem_mb"),
+        mem_mb=mem_mb("evaluate"),
         runtime=res("evaluate", "runtime"),
         gpu=res("evaluate", "gpu"),
         cpus_per_task=cpus_per_task,
@@ -102,7 +102,7 @@ rule evaluate_seq:
         "../envs/mergemix.yaml"
     threads: res("evaluate", "threads")
     resources:
-        mem_mb=res("evaluate", "mem_mb"),
+        mem_mb=mem_mb("evaluate"),
         runtime=res("evaluate", "runtime"),
         gpu=res("evaluate", "gpu"),
         cpus_per_task=cpus_per_task,
@@ -125,8 +125,10 @@ rule collect:
         "logs/collect.log",
     conda:
         "../envs/analysis.yaml"
+    threads: res("light", "threads")
     resources:
-        mem_mb=res("light", "mem_mb"),
+        mem_mb=mem_mb("light"),
+        cpus_per_task=cpus_per_task,
         runtime=res("light", "runtime"),
     shell:
         "python -m mergemix.collect --out {output} {input} > {log} 2>&1"

@@ -17,7 +17,7 @@ rule score_merged:
         "../envs/mergemix.yaml"
     threads: res("engine", "threads")
     resources:
-        mem_mb=res("engine", "mem_mb"),
+        mem_mb=mem_mb("engine"),
         runtime=res("engine", "runtime"),
         gpu=res("engine", "gpu"),
         cpus_per_task=cpus_per_task,
@@ -46,8 +46,10 @@ rule merge:
         "results/benchmarks/merge/{method}/{mixture}.tsv"
     conda:
         "../envs/mergemix.yaml"
+    threads: res("light", "threads")
     resources:
-        mem_mb=res("light", "mem_mb"),
+        mem_mb=mem_mb("light"),
+        cpus_per_task=cpus_per_task,
         runtime=res("light", "runtime"),
     params:
         flags=merge_flags,

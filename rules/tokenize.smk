@@ -13,8 +13,10 @@ rule tokenizer:
         "logs/tokenizer.log",
     conda:
         "../envs/mergemix.yaml"
+    threads: res("light", "threads")
     resources:
-        mem_mb=res("light", "mem_mb"),
+        mem_mb=mem_mb("light"),
+        cpus_per_task=cpus_per_task,
         runtime=res("light", "runtime"),
     params:
         how=(
@@ -42,8 +44,10 @@ rule shards:
         group=r"(?!ood/)[A-Za-z0-9_.-]+",
     conda:
         "../envs/mergemix.yaml"
+    threads: res("light", "threads")
     resources:
-        mem_mb=res("light", "mem_mb"),
+        mem_mb=mem_mb("light"),
+        cpus_per_task=cpus_per_task,
         runtime=res("light", "runtime"),
     params:
         heldout=heldout_fraction,
@@ -66,8 +70,10 @@ rule shards_ood:
         "logs/shards/ood/{name}.log",
     conda:
         "../envs/mergemix.yaml"
+    threads: res("light", "threads")
     resources:
-        mem_mb=res("light", "mem_mb"),
+        mem_mb=mem_mb("light"),
+        cpus_per_task=cpus_per_task,
         runtime=res("light", "runtime"),
     params:
         segment=config["tokenizer"]["segment_chars"],

@@ -32,7 +32,7 @@ rule seed:
         "../envs/mergemix.yaml"
     threads: res("seed", "threads")
     resources:
-        mem_mb=res("seed", "mem_mb"),
+        mem_mb=mem_mb("seed"),
         runtime=res("seed", "runtime"),
         gpu=res("seed", "gpu"),
         checkpoint_every=CHECKPOINT_EVERY,
@@ -66,7 +66,7 @@ rule unit:
         "../envs/mergemix.yaml"
     threads: res("train", "threads")
     resources:
-        mem_mb=res("train", "mem_mb"),
+        mem_mb=mem_mb("train"),
         runtime=res("train", "runtime"),
         gpu=res("train", "gpu"),
         checkpoint_every=CHECKPOINT_EVERY,
@@ -101,7 +101,7 @@ rule ind:
         "../envs/mergemix.yaml"
     threads: res("train", "threads")
     resources:
-        mem_mb=res("train", "mem_mb"),
+        mem_mb=mem_mb("train"),
         runtime=res("train", "runtime"),
         gpu=res("train", "gpu"),
         checkpoint_every=CHECKPOINT_EVERY,
@@ -134,7 +134,7 @@ rule seq:
         "../envs/mergemix.yaml"
     threads: res("seq", "threads") * ranks("seq")
     resources:
-        mem_mb=res("seq", "mem_mb") * ranks("seq"),
+        mem_mb=mem_mb("seq", per=ranks("seq")),
         runtime=res("seq", "runtime"),
         gpu=res("seq", "gpu"),
         checkpoint_every=CHECKPOINT_EVERY,

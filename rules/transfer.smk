@@ -33,7 +33,7 @@ rule seed_large:
         "../envs/mergemix.yaml"
     threads: res("seed", "threads")
     resources:
-        mem_mb=res("seed", "mem_mb"),
+        mem_mb=mem_mb("seed"),
         runtime=res("seed", "runtime"),
         gpu=res("seed", "gpu"),
         checkpoint_every=CHECKPOINT_EVERY,
@@ -67,7 +67,7 @@ rule seq_large:
         "../envs/mergemix.yaml"
     threads: res("seq", "threads") * ranks("seq")
     resources:
-        mem_mb=res("seq", "mem_mb") * ranks("seq"),
+        mem_mb=mem_mb("seq", per=ranks("seq")),
         runtime=res("seq", "runtime"),
         gpu=res("seq", "gpu"),
         checkpoint_every=CHECKPOINT_EVERY,
@@ -104,7 +104,7 @@ rule evaluate_seq_large:
         "../envs/mergemix.yaml"
     threads: res("evaluate", "threads")
     resources:
-        mem_mb=res("evaluate", "mem_mb"),
+        mem_mb=mem_mb("evaluate"),
         runtime=res("evaluate", "runtime"),
         gpu=res("evaluate", "gpu"),
         cpus_per_task=cpus_per_task,
@@ -127,8 +127,10 @@ rule collect_transfer:
         "logs/collect_transfer.log",
     conda:
         "../envs/analysis.yaml"
+    threads: res("light", "threads")
     resources:
-        mem_mb=res("light", "mem_mb"),
+        mem_mb=mem_mb("light"),
+        cpus_per_task=cpus_per_task,
         runtime=res("light", "runtime"),
     shell:
         "python -m mergemix.collect --out {output} {input} > {log} 2>&1"
@@ -151,8 +153,10 @@ rule analyze_transfer:
         "logs/analyze_transfer.log",
     conda:
         "../envs/analysis.yaml"
+    threads: res("light", "threads")
     resources:
-        mem_mb=res("light", "mem_mb"),
+        mem_mb=mem_mb("light"),
+        cpus_per_task=cpus_per_task,
         runtime=res("light", "runtime"),
     shell:
         "python -m mergemix.analyze --perplexity {input.table} --out-dir results/transfer > {log} 2>&1"

@@ -1,9 +1,13 @@
 """mergemix.io: staging debris is cleared without touching a neighbour's live staging,
-and every stage's command line ends in one `error:` line or a traceback for a bug."""
+every stage's command line ends in one `error:` line or a traceback for a bug, and a
+job's threads bound every thread pool it starts."""
 
 from __future__ import annotations
 
 import errno
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -49,3 +53,26 @@ def test_run_command_lets_a_bug_keep_its_traceback():
 
     with pytest.raises(KeyError):
         io.run_command(bug, (ValueError,))
+
+
+def run_python(code: str, **env: str) -> str:
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "POLARS_MAX_THREADS", "RAYON_NUM_THREADS")}
+    done = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, check=True)
+    return done.stdout.split()
+
+
+def test_a_jobs_threads_bound_polars_and_the_tokenizers_pool():
+    # Snakemake exports a job's threads as OMP_NUM_THREADS; polars and rayon (tokenizers)
+    # would otherwise start one thread per core, beside the jobs running next to it.
+    code = "import mergemix, os, polars; print(polars.thread_pool_size(), os.environ.get('RAYON_NUM_THREADS'))"
+    assert run_python(code, OMP_NUM_THREADS="1") == ["1", "1"]
+    # A user's own setting wins; without a job's threads nothing is changed.
+    assert run_python(code, OMP_NUM_THREADS="1", POLARS_MAX_THREADS="2", RAYON_NUM_THREADS="3") == ["2", "3"]
+    assert run_python(code)[1] == "None"
+
+
+def test_cores_are_the_jobs_threads(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert io.cores() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert io.cores() == len(os.sched_getaffinity(0))

@@ -227,6 +227,13 @@ def test_killed_training_job_is_retried_and_the_workflow_completes(slurm_run, tm
     first = attempts[0].read_text()
     assert f"JOB {jobid} ON" in first and "CANCELLED" in first, first[-2000:]  # slurmstepd's own line
     assert "Trying to restart job" in log, log[-6000:]
+    # The retry asked Slurm for twice the memory (a job killed for memory gets more).
+    memory = {}
+    for attempt in attempts:
+        record = subprocess.run(["scontrol", "-o", "show", "job", attempt.stem], capture_output=True, text=True)
+        assert record.returncode == 0, record.stderr
+        memory[attempt.stem] = re.search(r"MinMemoryNode=(\w+)", record.stdout).group(1)
+    assert list(memory.values()) == ["1500M", "3000M"], memory
     # The retry trained the model again after the kill, and the tables were rebuilt from it.
     assert model.stat().st_mtime > killed_at
     assert (root / "results/perplexity.csv").stat().st_mtime > before

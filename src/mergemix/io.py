@@ -23,6 +23,15 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 
+def cores() -> int:
+    """CPU threads this process should use: the job's `threads` where Snakemake started
+    it (it exports them as OMP_NUM_THREADS), else every CPU the process may run on."""
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def sha256_file(path: str | Path, window: int = 1 << 24) -> str:
     """Hex sha256 of a file, hashed straight from the page cache in 16 MiB mapped windows.
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import sys
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -105,7 +104,7 @@ def check_compatible(paths: list[Path], verify: bool = True) -> dict:
     if not paths:
         raise MergeError("nothing to merge: no checkpoints given")
     if verify:
-        with ThreadPoolExecutor(max_workers=min(len(paths), os.cpu_count() or 1)) as pool:
+        with ThreadPoolExecutor(max_workers=min(len(paths), io.cores())) as pool:
             for check in verify_all(paths, pool):
                 check.result()  # the first failure in input order
     first = paths[0]
@@ -239,9 +238,10 @@ def merge(method: str, groups: dict[str, list[Path]], out: Path, tokens: dict[st
         "weights": weights,
         "tokens": tokens or {},
     }
-    # The inputs are hashed on every core while this thread averages and writes: the
-    # hashing is most of the work, so it gets all of them and the average fills the gaps.
-    workers = min(len(paths), os.cpu_count() or 1)
+    # The inputs are hashed on every core of the job while this thread averages and
+    # writes: the hashing is most of the work, so it gets all of them and the average
+    # fills the gaps.
+    workers = min(len(paths), io.cores())
     with ThreadPoolExecutor(max_workers=workers) as pool, io.StagingDir(out) as stage:
         checks = verify_all(paths, pool)
         io.write_json(stage.path / "config.json", info["config"])
