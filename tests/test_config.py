@@ -55,6 +55,26 @@ def test_bad_config_names_the_key(shipped, mutate, expected):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda t: t["seed_phase"].update(tokens=100), "transfer.seed_phase.tokens is 100, fewer than one batch"),
+        (lambda t: t["continued"].update(batch_size=4096), "train.unit_tokens is 100000, fewer than one batch of transfer.continued.batch_size"),
+        (lambda t: t["continued"].update(batch_size=3), "transfer.continued.batch_size (3) cannot be split over the 2 processes"),
+        (lambda t: t["model"].update(num_heads=5), "divisible by transfer.model.num_heads"),
+    ],
+)
+def test_bad_transfer_section_names_the_key(mutate, expected):
+    # The size-transfer study's large seed and seq models get the checks the small ones get.
+    broken = mc.load(str(REPO / "configs/study_5.4_size_transfer.yaml"))
+    broken["resources"]["seq"].update(gpu=0, processes=2)
+    broken["train"]["continued"]["batch_size"] = 8
+    mutate(broken["transfer"])
+    with pytest.raises(mc.ConfigError) as err:
+        mc.validate(broken)
+    assert expected in str(err.value)
+
+
 def test_mixture_sample_is_seeded_and_include_is_added(shipped):
     cfg = copy.deepcopy(shipped)
     first = mc.mixtures(cfg)

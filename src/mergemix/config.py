@@ -183,24 +183,37 @@ def _check_engine(config: dict[str, Any]) -> None:
             "train.precision bf16 needs train.zero_stage 1 or 2: DeepSpeed's stage-0 bf16 optimizer keeps "
             "AdamW's moments where they cannot be carried from the seed into continued pretraining"
         )
+    # (tokens key, tokens, batch-size key, batch size) of every phase that trains: the
+    # small models' and, with `transfer`, the large seed's and large seq models'.
+    budgets = []
     if not config["seed"].get("pretrained"):  # a pretrained seed brings its own context length
-        context = config["model"]["context_length"]
-        for phase, key, tokens in (("continued", "unit_tokens", train["unit_tokens"]),
-                                   ("seed_phase", "seed_phase.tokens", train["seed_phase"]["tokens"])):
-            batch = train[phase]["batch_size"]
-            if tokens <= batch * context:
-                raise ConfigError(
-                    f"train.{key} is {tokens}, fewer than one batch of train.{phase}.batch_size x "
-                    f"model.context_length ({batch} x {context}) + 1 tokens: raise train.{key} or lower the batch size"
-                )
+        budgets += [("train.unit_tokens", train["unit_tokens"], "train.continued.batch_size", train["continued"]["batch_size"]),
+                    ("train.seed_phase.tokens", train["seed_phase"]["tokens"], "train.seed_phase.batch_size",
+                     train["seed_phase"]["batch_size"])]
+    seq_batches = [("train.continued.batch_size", train["continued"]["batch_size"])]
+    transfer = config.get("transfer")
+    if transfer:
+        budgets.append(("train.unit_tokens", train["unit_tokens"], "transfer.continued.batch_size",
+                        transfer["continued"]["batch_size"]))
+        if not transfer["pretrained"]:
+            budgets.append(("transfer.seed_phase.tokens", transfer["seed_phase"]["tokens"],
+                            "transfer.seed_phase.batch_size", transfer["seed_phase"]["batch_size"]))
+        seq_batches.append(("transfer.continued.batch_size", transfer["continued"]["batch_size"]))
+    context = config["model"]["context_length"]
+    for key, tokens, batch_key, batch in budgets:
+        if tokens <= batch * context:
+            raise ConfigError(
+                f"{key} is {tokens}, fewer than one batch of {batch_key} x model.context_length "
+                f"({batch} x {context}) + 1 tokens: raise {key} or lower the batch size"
+            )
     processes = ranks(config, "seq")
-    batch = train["continued"]["batch_size"]
-    if batch % processes:
-        raise ConfigError(
-            f"train.continued.batch_size ({batch}) cannot be split over the {processes} processes of a seq job "
-            f"(resources.seq.{'gpu' if config['resources']['seq']['gpu'] > 0 else 'processes'}): "
-            f"make it a multiple of {processes}"
-        )
+    for key, batch in seq_batches:
+        if batch % processes:
+            raise ConfigError(
+                f"{key} ({batch}) cannot be split over the {processes} processes of a seq job "
+                f"(resources.seq.{'gpu' if config['resources']['seq']['gpu'] > 0 else 'processes'}): "
+                f"make it a multiple of {processes}"
+            )
 
 
 def ranks(config: dict[str, Any], kind: str) -> int:
