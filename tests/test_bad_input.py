@@ -16,7 +16,6 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-import torch
 import yaml
 from safetensors.torch import load_file, save_file
 

@@ -49,7 +49,7 @@ def _filter(eval_docs: list[str], rate: float = 1e-6) -> dc.BloomFilter:
 def test_a_shared_13_word_paragraph_removes_the_document_a_12_word_one_does_not():
     bloom = _filter([f"Intro line.\n{THIRTEEN}.\n{TWELVE}"])
     docs = [
-        f"Some other text.\nThe Committee reported, that the NEW budget would cover every school in TOWN!",
+        "Some other text.\nThe Committee reported, that the NEW budget would cover every school in TOWN!",
         f"Counting:\n{TWELVE}",  # only the short paragraph is shared
         f"Before {THIRTEEN} after",  # contains it, but the paragraph is not the same
         "An unrelated document\nwith two lines.",
