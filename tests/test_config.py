@@ -153,3 +153,15 @@ def test_seq_sample_is_seeded_stable_and_keeps_include():
     old, new = mc.seq_mixtures(small), mc.seq_mixtures(grown)
     assert len(new) == 7
     assert {m for m in new if "p99" not in m} <= set(old)
+
+
+def test_token_budgets_are_not_checked_against_an_imported_seeds_unknown_context():
+    cfg = mc.load(str(REPO / "configs/study_5.4_size_transfer.yaml"))
+    cfg["seed"]["pretrained"] = "EleutherAI/pythia-14m"
+    cfg["transfer"].update(pretrained="EleutherAI/pythia-70m")
+    cfg["transfer"]["seed_phase"]["tokens"] = 100  # not trained here: an imported large seed
+    mc.validate(cfg)
+    cfg["transfer"].update(pretrained=None)
+    cfg["seed"]["pretrained"] = None
+    with pytest.raises(mc.ConfigError, match="transfer.seed_phase.tokens is 100"):
+        mc.validate(cfg)

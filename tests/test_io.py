@@ -55,7 +55,7 @@ def test_run_command_lets_a_bug_keep_its_traceback():
         io.run_command(bug, (ValueError,))
 
 
-def run_python(code: str, **env: str) -> str:
+def run_python(code: str, **env: str) -> list[str]:
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "POLARS_MAX_THREADS", "RAYON_NUM_THREADS")}
     done = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, check=True)
     return done.stdout.split()

@@ -8,9 +8,11 @@ __version__ = "0.1.0"
 
 import os as _os
 
-# Snakemake exports a job's `threads` as OMP_NUM_THREADS (torch follows it); polars and
-# the tokenizers library (rayon) would start a thread per core instead, crowding the jobs
-# that run beside them. They get the job's threads too, unless the user set their own.
-if _os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(_os.environ["OMP_NUM_THREADS"]) > 0:
+from mergemix.io import job_threads as _job_threads
+
+# Torch follows a Snakemake job's threads (OMP_NUM_THREADS); polars and the tokenizers
+# library (rayon) would start a thread per core instead, crowding the jobs that run
+# beside them. They get the job's threads too, unless the user set their own.
+if _job_threads():
     for _name in ("POLARS_MAX_THREADS", "RAYON_NUM_THREADS"):
-        _os.environ.setdefault(_name, _os.environ["OMP_NUM_THREADS"])
+        _os.environ.setdefault(_name, str(_job_threads()))

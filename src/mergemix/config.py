@@ -185,20 +185,20 @@ def _check_engine(config: dict[str, Any]) -> None:
         )
     # (tokens key, tokens, batch-size key, batch size) of every phase that trains: the
     # small models' and, with `transfer`, the large seed's and large seq models'.
-    budgets = []
-    if not config["seed"].get("pretrained"):  # a pretrained seed brings its own context length
-        budgets += [("train.unit_tokens", train["unit_tokens"], "train.continued.batch_size", train["continued"]["batch_size"]),
-                    ("train.seed_phase.tokens", train["seed_phase"]["tokens"], "train.seed_phase.batch_size",
-                     train["seed_phase"]["batch_size"])]
+    budgets = [("train.unit_tokens", train["unit_tokens"], "train.continued.batch_size", train["continued"]["batch_size"]),
+               ("train.seed_phase.tokens", train["seed_phase"]["tokens"], "train.seed_phase.batch_size",
+                train["seed_phase"]["batch_size"])]
     seq_batches = [("train.continued.batch_size", train["continued"]["batch_size"])]
     transfer = config.get("transfer")
     if transfer:
         budgets.append(("train.unit_tokens", train["unit_tokens"], "transfer.continued.batch_size",
                         transfer["continued"]["batch_size"]))
-        if not transfer["pretrained"]:
+        if not transfer["pretrained"]:  # an imported large seed is not trained here
             budgets.append(("transfer.seed_phase.tokens", transfer["seed_phase"]["tokens"],
                             "transfer.seed_phase.batch_size", transfer["seed_phase"]["batch_size"]))
         seq_batches.append(("transfer.continued.batch_size", transfer["continued"]["batch_size"]))
+    if config["seed"].get("pretrained"):  # a pretrained seed brings its own context length: unknown here
+        budgets = []
     context = config["model"]["context_length"]
     for key, tokens, batch_key, batch in budgets:
         if tokens <= batch * context:

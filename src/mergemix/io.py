@@ -23,13 +23,16 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 
+def job_threads() -> int | None:
+    """The `threads` of the Snakemake job running this process (Snakemake exports them as
+    OMP_NUM_THREADS), or None outside one."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def cores() -> int:
-    """CPU threads this process should use: the job's `threads` where Snakemake started
-    it (it exports them as OMP_NUM_THREADS), else every CPU the process may run on."""
-    try:
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    except (KeyError, ValueError):
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """CPU threads this process should use: the job's threads, else every CPU it may run on."""
+    return job_threads() or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def sha256_file(path: str | Path, window: int = 1 << 24) -> str:
