@@ -161,7 +161,8 @@ def test_token_budgets_are_not_checked_against_an_imported_seeds_unknown_context
     cfg["transfer"].update(pretrained="EleutherAI/pythia-70m")
     cfg["transfer"]["seed_phase"]["tokens"] = 100  # not trained here: an imported large seed
     mc.validate(cfg)
-    cfg["transfer"].update(pretrained=None)
     cfg["seed"]["pretrained"] = None
+    mc.validate(cfg)  # the small seed's budgets hold; the large seed is still imported
+    cfg["transfer"].update(pretrained=None)
     with pytest.raises(mc.ConfigError, match="transfer.seed_phase.tokens is 100"):
         mc.validate(cfg)
