@@ -458,8 +458,9 @@ def sidecar_files():
 
 
 def study_flags():
-    """n, k and the number of studied mixtures: the ledger projects to C(n, k) mixtures."""
+    """n, k, the fixed partitions and the studied mixtures: the ledger projects to every
+    candidate, C(n - fixed, k - fixed)."""
     return (
         f"--partitions {len(PARTITIONS)} --k {config['mixtures']['k']}"
-        f" --mixtures {len(MIXTURES)}"
+        f" --fixed {len(mmconfig.fixed_partitions(config))} --mixtures {len(MIXTURES)}"
     )

@@ -142,6 +142,47 @@ def test_defaults_read_from_the_files(tmp_path):
     assert pick(rows, "all candidates", "seq", "total")["seconds"] == 64.0 + 12.0
 
 
+def test_several_merge_methods_are_charged_as_one_proxy(tmp_path):
+    bench, models = write_study(tmp_path)
+    # the same 2 batches scored again for macro (7 s, 9 s): micro took 3 + 5 s
+    for rel, seconds in (("micro/b/0", 3.0), ("micro/c/0", 5.0), ("macro/b/0", 7.0), ("macro/c/0", 9.0)):
+        path = bench / "evaluate/merged" / f"{rel}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(HEADER + f"{seconds:.2f}\t0:00:00\t1\t1\t1\t1\t0\t0\t0\t{seconds}\n")
+    stages = ledger.measure(*ledger.collect_paths([bench, models]))
+    assert ledger.merge_methods(stages["merged_eval"]) == ["macro", "micro"]
+    rows = ledger.ledger(stages, partitions=4, k=2, mixtures=3)
+    # every method in the measured row; per mixture the mean method: 24 s / (3 mixtures x 2)
+    assert pick(rows, "measured", "modular", "merged models scored")["seconds"] == 24.0
+    scoring = pick(rows, "studied", "modular", "scoring")
+    assert scoring["item"] == "scoring: merged models (mean of 2 merge methods)"
+    assert scoring["seconds"] == pytest.approx(12.0) and scoring["jobs"] == 2
+    assert pick(rows, "all candidates", "modular", "scoring")["seconds"] == pytest.approx(24.0)  # 4 s x 6
+
+
+def test_fixed_partitions_shrink_the_candidates(tmp_path):
+    bench, models = write_study(tmp_path)
+    assert [ledger.candidates(5, 2, f) for f in (0, 1)] == [10, 4]
+    assert ledger.candidates(5, 3, 2) == 3 and ledger.candidates(5, 2, 3) == 0
+    out = tmp_path / "tables"
+    argv = [str(bench), str(models), "--partitions", "5", "--k", "2", "--fixed", "1", "--mixtures", "4",
+            "--out-dir", str(out), "-q"]
+    assert ledger.main(argv) == 0
+    rows = read_rows(out / "efficiency.csv")
+    # one partition in every mixture: the 4 others pair with it, and the study scored all 4
+    assert {r["mixtures"] for r in rows if r["section"] == "all candidates"} == {"4"}
+    assert pick(rows, "all candidates", "modular", "scoring")["basis"] == "measured"
+    assert "C(5 - 1, 2 - 1) (with 1 partition(s) in every mixture) = 4" in (out / "efficiency.md").read_text()
+
+
+def test_fixed_larger_than_k_is_refused(tmp_path, capsys):
+    bench, models = write_study(tmp_path)
+    argv = [str(bench), str(models), "--k", "2", "--fixed", "3", "--out-dir", str(tmp_path / "t")]
+    assert ledger.main(argv) != 0
+    assert "--fixed 3" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+
+
 def test_missing_sidecar_counts_time_not_tokens(tmp_path, caplog):
     bench, models = write_study(tmp_path)
     (models / "seq/a+c/mergemix.json").unlink()

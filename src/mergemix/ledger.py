@@ -26,9 +26,15 @@ It writes ``efficiency.csv`` and ``efficiency.md`` with three sections:
     times the number of mixtures, marked ``projected``.
 ``all candidates``
     the same for every k-partition mixture of the study's n partitions,
-    C(n, k): unit training does not grow; seq training and scoring, and
-    merged-model scoring, grow with the number of mixtures (mean per mixture
-    times C(n, k)).
+    C(n, k), or C(n - f, k - f) when f partitions are in every mixture
+    (``mixtures.fixed``, ``--fixed``): unit training does not grow; seq
+    training and scoring, and merged-model scoring, grow with the number of
+    mixtures (mean per mixture times the number of candidates).
+
+The modular method scores one merged model per mixture. A study that scores
+several merge methods (``merge.methods``) is charged the mean over them: the
+``measured`` row holds every method's scoring, the per-mixture cost divides by
+the number of methods found among the benchmark files.
 
 The seed is shared by both approaches and appears in ``measured`` only. ind
 models (partitions of several units trained alone) serve the ``mean_ind`` and
@@ -37,7 +43,7 @@ models (partitions of several units trained alone) serve the ``mean_ind`` and
 Command line::
 
     python -m mergemix.ledger results/benchmarks work/models \\
-        --partitions 8 --k 2 --mixtures 12 --out-dir results/tables
+        --partitions 8 --k 2 --mixtures 12 [--fixed 0] --out-dir results/tables
 
 Paths are benchmark TSVs, sidecars, or folders searched for both (the workflow
 passes the study's files one by one, so files left over from an earlier study
@@ -264,11 +270,24 @@ def _total(train: tuple[float, float, float], score: tuple[float, float, float])
     return train[0] + score[0], train[1] + score[1], train[2]
 
 
+def candidates(n: int, k: int | None, fixed: int = 0) -> int:
+    """Candidate mixtures: k-subsets of n partitions that hold all ``fixed`` ones."""
+    if k is None or not 0 <= fixed <= k <= n:
+        return 0
+    return math.comb(n - fixed, k - fixed)
+
+
+def merge_methods(scored: Stage) -> list[str]:
+    """The merge methods among the merged-scoring benchmarks (ids METHOD/ANCHOR/CHUNK)."""
+    return sorted({ident.split("/")[0] for ident in scored.ids})
+
+
 def ledger(stages: dict[str, Stage], partitions: int | None = None, k: int | None = None,
-           mixtures: int | None = None) -> list[dict]:
+           mixtures: int | None = None, fixed: int = 0) -> list[dict]:
     """The rows of efficiency.csv (see the module docstring).
 
-    ``partitions`` (n) and ``k`` give the C(n, k) candidate mixtures;
+    ``partitions`` (n), ``k`` and ``fixed`` (partitions in every mixture) give
+    the C(n - fixed, k - fixed) candidate mixtures;
     ``mixtures`` is how many mixtures the study scores. Left out, they are
     read from the files: n from the unit models' partitions, k as the most
     common size of the seq models' mixtures, ``mixtures`` as their number.
@@ -278,7 +297,7 @@ def ledger(stages: dict[str, Stage], partitions: int | None = None, k: int | Non
     k = k if k is not None else _seq_size(stages)
     seq_t, seq_e = stages["seq_train"], stages["seq_eval"]
     m = mixtures if mixtures is not None else len(set(seq_t.ids))
-    candidates = math.comb(n, k) if k is not None and 0 <= k <= n else 0
+    n_candidates = candidates(n, k, fixed)
 
     rows = []
     for name, (what, approach) in STAGES.items():
@@ -291,8 +310,11 @@ def ledger(stages: dict[str, Stage], partitions: int | None = None, k: int | Non
 
     unit = stages["unit_train"]
     scored = stages["merged_eval"]
-    per_mix = {a: (getattr(scored, a) / m if m else nan) for a in ("seconds", "rank_seconds")}
-    for section, count in (("studied", m), ("all candidates", candidates)):
+    # one merged model per mixture: with several merge methods, the mean over them
+    n_methods = max(1, len(merge_methods(scored)))
+    per_mix = {a: (getattr(scored, a) / (m * n_methods) if m else nan) for a in ("seconds", "rank_seconds")}
+    score_item = "scoring: merged models" + (f" (mean of {n_methods} merge methods)" if n_methods > 1 else "")
+    for section, count in (("studied", m), ("all candidates", n_candidates)):
         # measured where the run did exactly this many (a study of every candidate)
         basis_seq = "measured" if seq_t.jobs == count else "projected"
         basis_mod = "measured" if count == m else "projected"
@@ -311,8 +333,8 @@ def ledger(stages: dict[str, Stage], partitions: int | None = None, k: int | Non
         rows += [
             _row(section, "training: unit models (do not grow with mixtures)", "modular", "measured",
                  count, unit.jobs, *mod_train),
-            _row(section, "scoring: merged models", "modular", basis_mod, count,
-                 scored.jobs if basis_mod == "measured" else nan, *mod_score),
+            _row(section, score_item, "modular", basis_mod, count,
+                 scored.jobs / n_methods if basis_mod == "measured" else nan, *mod_score),
             _row(section, "total", "modular", basis_mod, count, nan, *_total(mod_train, mod_score)),
             _row(section, "training: one seq model per mixture", "seq", basis_seq, count, count, *seq_train),
             _row(section, "scoring: seq models", "seq", eval_basis, count, count, *seq_score),
@@ -357,15 +379,17 @@ def ratio(rows: list[dict], section: str, what: str = "total") -> float:
     return seq / mod if mod and math.isfinite(mod) and math.isfinite(seq) else float("nan")
 
 
-def ledger_markdown(rows: list[dict], partitions: int, k: int | None) -> str:
+def ledger_markdown(rows: list[dict], partitions: int, k: int | None, fixed: int = 0) -> str:
     studied = next((r["mixtures"] for r in rows if r["section"] == "studied"), 0)
     cand = next((r["mixtures"] for r in rows if r["section"] == "all candidates"), 0)
+    space = (f"C({partitions}, {k})" if not fixed else
+             f"C({partitions} - {fixed}, {k} - {fixed}) (with {fixed} partition(s) in every mixture)")
     caption = (
         f"Efficiency (paper section 5.5): measured wall seconds (rank-seconds: x data-parallel ranks) and "
         f"tokens trained per stage, then the modular method (unit models trained once, merged models scored) "
         f"against one seq model trained and scored per mixture, for the {studied} studied mixtures "
         f"(seq/modular seconds: training {_md_num(ratio(rows, 'studied', 'training'), 2)}, with scoring "
-        f"{_md_num(ratio(rows, 'studied'), 2)}) and all C({partitions}, {k}) = {cand} candidate mixtures "
+        f"{_md_num(ratio(rows, 'studied'), 2)}) and all {space} = {cand} candidate mixtures "
         f"(training {_md_num(ratio(rows, 'all candidates', 'training'), 2)}, with scoring "
         f"{_md_num(ratio(rows, 'all candidates'), 2)}); the seed is shared and counted in neither."
     )
@@ -380,11 +404,12 @@ def ledger_markdown(rows: list[dict], partitions: int, k: int | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(rows: list[dict], out_dir: str | Path, partitions: int, k: int | None) -> list[Path]:
+def write_outputs(rows: list[dict], out_dir: str | Path, partitions: int, k: int | None,
+                  fixed: int = 0) -> list[Path]:
     out_dir = Path(out_dir)
     changed = []
     for path, text in ((out_dir / "efficiency.csv", ledger_csv(rows)),
-                       (out_dir / "efficiency.md", ledger_markdown(rows, partitions, k))):
+                       (out_dir / "efficiency.md", ledger_markdown(rows, partitions, k, fixed))):
         if io.write_text(path, text):
             changed.append(path)
             log.info("wrote %s", path)
@@ -402,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--partitions", type=int, default=None, help="n: partitions of the study")
     ap.add_argument("--k", type=int, default=None, help="k: partitions per mixture")
     ap.add_argument("--mixtures", type=int, default=None, help="mixtures the study scores")
+    ap.add_argument("--fixed", type=int, default=0, help="partitions in every mixture (mixtures.fixed)")
     ap.add_argument("--out-dir", required=True, help="folder for efficiency.csv and efficiency.md")
     ap.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     return ap
@@ -413,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("mergemix").setLevel(logging.WARNING if args.quiet else logging.INFO)
 
     def work() -> None:
-        for name in ("partitions", "k", "mixtures"):
+        for name in ("partitions", "k", "mixtures", "fixed"):
             if getattr(args, name) is not None and getattr(args, name) < 0:
                 raise LedgerError(f"--{name} must be >= 0, got {getattr(args, name)}")
         benches, sides = collect_paths(args.paths)
@@ -422,8 +448,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         stages = measure(benches, sides)
         n = args.partitions if args.partitions is not None else _partitions(stages)
         k = args.k if args.k is not None else _seq_size(stages)
-        rows = ledger(stages, n, k, args.mixtures)
-        write_outputs(rows, args.out_dir, n, k)
+        if args.fixed and (k is None or args.fixed > k):
+            raise LedgerError(f"--fixed {args.fixed} needs --k of at least {args.fixed}, got {k}")
+        rows = ledger(stages, n, k, args.mixtures, args.fixed)
+        write_outputs(rows, args.out_dir, n, k, args.fixed)
 
     return io.run_command(work, (LedgerError,))
 
