@@ -1,10 +1,11 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from mergemix import model as mm
-from mergemix.evaluate import Domain, document_windows, evaluate, sample_documents
+from mergemix.evaluate import Domain, EvalError, document_windows, evaluate, prepare_domain, sample_documents
 from mergemix.tokenize import write_shard
 
 
@@ -42,6 +43,16 @@ def test_uniform_logits_give_perplexity_equal_to_vocabulary(tmp_path, tiny_model
     n_bytes = sum(len(t.encode()) for t in texts["pathlib"][:10])
     assert rows[0]["n_bytes"] == n_bytes
     assert rows[0]["bpb"] == pytest_approx(rows[0]["n_tokens"] * math.log2(vocab) / n_bytes)
+
+
+@pytest.mark.parametrize("docs", [[], ["", ""]], ids=["no documents", "empty documents"])
+def test_a_domain_without_text_is_named(tmp_path, tokenizer_dir, docs):
+    from mergemix.tokenize import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    write_shard(tok, docs, tmp_path / "blank", {"tokenizer_sha256": "x"})
+    with pytest.raises(EvalError, match="domain 'speeches'"):
+        prepare_domain(Domain("speeches", "ood", 10**6, tmp_path / "blank"), 64, len(tok), max_docs=10, seed=0)
 
 
 def pytest_approx(x):

@@ -149,14 +149,14 @@ def prepare_domain(domain: Domain, context: int, vocab: int, max_docs: int, seed
             f"domain '{domain.name}' was tokenized with {meta['vocab_size']} tokens but the model has {vocab} embedding rows"
         )
     docs = sample_documents(index, tokens.size, max_docs, domain.max_tokens, domain_seed(seed, domain.name))
+    n_tokens, n_bytes = sum(stop - start for start, stop, _ in docs), sum(b for _, _, b in docs)
+    if n_tokens == 0 or n_bytes == 0:
+        raise EvalError(
+            f"domain '{domain.name}' ({domain.prefix}) has no text to score: its {len(index)} document(s) "
+            "are empty; check the set's text column"
+        )
     windows = [w for start, stop, _ in docs for w in document_windows(tokens[start:stop], meta["eos_id"], context)]
-    return PreparedDomain(
-        domain=domain,
-        windows=windows,
-        n_docs=len(docs),
-        n_tokens=sum(stop - start for start, stop, _ in docs),
-        n_bytes=sum(b for _, _, b in docs),
-    )
+    return PreparedDomain(domain=domain, windows=windows, n_docs=len(docs), n_tokens=n_tokens, n_bytes=n_bytes)
 
 
 def perplexity(nll_per_token: float) -> float:

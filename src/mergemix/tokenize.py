@@ -206,7 +206,10 @@ def open_tokens(prefix: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
     """Memory-map a shard: (tokens, index rows of (start, bytes), sidecar)."""
     prefix = Path(prefix)
     meta = io.read_json(prefix.with_suffix(".json"))
-    tokens = np.memmap(prefix.with_suffix(".bin"), dtype=np.dtype(meta["dtype"]), mode="r")
+    dtype = np.dtype(meta["dtype"])
+    path = prefix.with_suffix(".bin")
+    # numpy cannot map an empty file; a shard of empty documents is read as no tokens
+    tokens = np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
     if tokens.size != meta["n_tokens"]:
         raise TokenizeError(f"{prefix.with_suffix('.bin')} holds {tokens.size} tokens but its sidecar says {meta['n_tokens']}: delete it and rerun")
     index = np.fromfile(prefix.with_suffix(".idx"), dtype=np.int64).reshape(-1, 2)
