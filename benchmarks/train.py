@@ -125,7 +125,7 @@ def torch_loop(folder: Path, name: str, device: str, precision: str, out: Path) 
     from mergemix import model as mm
     from mergemix.config import ModelConfig, PhaseConfig
     from mergemix.tokenize import load_tokenizer, tokenizer_hash
-    from mergemix.train import lr_at, windows
+    from mergemix.train import lr_at, window_loss, windows
 
     section, batch_size, steps = all_models()[name]
     phase = PhaseConfig(batch_size=batch_size, **PHASE)
@@ -147,7 +147,7 @@ def torch_loop(folder: Path, name: str, device: str, precision: str, out: Path) 
     for step in range(steps):
         batch = torch.from_numpy(data[order[step * batch_size : (step + 1) * batch_size]]).to(device)
         with autocast:
-            loss = forward(input_ids=batch, labels=batch).loss
+            loss = window_loss(forward, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), TRAIN["grad_clip"])
         for group in optimizer.param_groups:

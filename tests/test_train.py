@@ -75,6 +75,35 @@ def test_unit_continues_from_the_seed_with_its_optimizer_state(seed, shards, tok
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_seed_with_tied_embeddings_imports_trains_and_merges(shards, tokenizer_dir, tmp_path):
+    """GPT-2 ties its input and output embeddings: two state_dict keys on one tensor."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mergemix.tokenize import load_tokenizer
+
+    vocab = len(load_tokenizer(tokenizer_dir))
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=vocab, n_positions=32,
+                                      bos_token_id=0, eos_token_id=0))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    done = run_train("--kind", "seed", "--tokenizer", tokenizer_dir, "--pretrained", tmp_path / "gpt2",
+                     "--out", tmp_path / "seed")
+    assert done.returncode == 0, done.stderr[-3000:]
+    phase = {"batch_size": 4, "lr": 1e-3, "min_lr": 1e-3, "warmup_steps": 2}
+    done = run_train("--kind", "unit", "--tokenizer", tokenizer_dir, "--init", tmp_path / "seed",
+                     "--unit", f"{shards}/typing/train:0", "--unit-tokens", 1000, "--phase-json", json.dumps(phase),
+                     "--out", tmp_path / "unit")
+    assert done.returncode == 0, done.stderr[-3000:]
+    unit = load_file(tmp_path / "unit" / mm.WEIGHTS)
+    assert torch.equal(unit["lm_head.weight"], unit["transformer.wte.weight"])  # trained as one tensor
+    assert not torch.equal(unit["lm_head.weight"], load_file(tmp_path / "seed" / mm.WEIGHTS)["lm_head.weight"])
+    done = subprocess.run([sys.executable, "-m", "mergemix.merge", "--method", "micro", "--model", f"a={tmp_path / 'seed'}",
+                           "--model", f"b={tmp_path / 'unit'}", "--out", tmp_path / "merged"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    merged = mm.load(tmp_path / "merged")
+    assert merged.lm_head.weight.data_ptr() == merged.transformer.wte.weight.data_ptr()
+
+
 def test_vocabulary_that_does_not_fit_is_refused_before_training(shards, tokenizer_dir, tmp_path):
     small = dict(MODEL, vocab_size=64)
     cmd = [sys.executable, "-m", "mergemix.train", "--model-json", json.dumps(small), "--train-json", json.dumps(TRAIN),

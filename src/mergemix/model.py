@@ -152,6 +152,23 @@ def hardware() -> dict[str, Any]:
     return info
 
 
+def untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every tensor with storage of its own: safetensors refuses tensors that share memory.
+
+    A model with tied input and output embeddings (GPT-2, many imported seeds) has two
+    state_dict keys on one tensor. Both are written, as copies, so every checkpoint holds
+    every key of its model: merging averages both alike, the engine and a resume load
+    them without special cases, and `from_pretrained` ties them again on loading.
+    """
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in state.items():
+        ptr = tensor.untyped_storage().data_ptr()
+        out[name] = tensor.clone() if ptr in seen else tensor
+        seen.add(ptr)
+    return out
+
+
 def save(
     model: torch.nn.Module,
     out: str | Path,
@@ -166,7 +183,7 @@ def save(
     """
 
     with io.StagingDir(out) as stage:
-        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        state = untied({k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()})
         model.config.save_pretrained(stage.path)
         io.save_tensors(state, stage.path / WEIGHTS, metadata={"format": "pt"})
         for name, tensors in (extra or {}).items():

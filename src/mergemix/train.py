@@ -61,6 +61,17 @@ def unit_hashes(units: list[str]) -> list[str | None]:
     return [io.read_json(parse_unit(spec)[0].with_suffix(".json")).get("bin_sha256") for spec in units]
 
 
+def window_loss(model: Any, windows: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss of windows of context + 1 tokens.
+
+    The model reads the first `context` tokens of each window and predicts the last
+    `context`: it never sees more positions than it has (a model with learned position
+    embeddings, such as an imported GPT-2 seed, has no row for position `context`).
+    """
+    logits = model(input_ids=windows[:, :-1]).logits
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+
+
 def windows(units: list[str], unit_tokens: int, context: int, expect_tokenizer: str) -> np.ndarray:
     """All training windows of the given base units, shape (N, context + 1), int64.
 
@@ -419,7 +430,7 @@ def train(
         # The global batch is the same for any process count; each rank takes its slice.
         batch = data[order[step * phase.batch_size : (step + 1) * phase.batch_size]]
         local = torch.from_numpy(batch[mine]).to(engine.device)
-        loss = engine(input_ids=local, labels=local).loss
+        loss = window_loss(engine, local)
         # Ranks agree on the batch loss and on a pending SIGTERM, so they stop together.
         mean_loss, stop = _agree(loss.detach(), preemption.requested, world)
         if not math.isfinite(mean_loss):
