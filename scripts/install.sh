@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Create .venv (once) and install mergemix with the workflow and test tools into it.
-# torch is pinned in the same pip command as deepspeed so that pip keeps the CPU build
-# instead of resolving a CUDA one (GBs); on a GPU machine, drop the pin or pick your build.
+# torch is pinned in the same pip command as deepspeed (an extra of the package) so that
+# deepspeed cannot pull another torch. Which build of 2.13.0 pip takes depends on the
+# index: PyPI's Linux wheel is the CUDA build (GBs); on a machine without a GPU, set
+# PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu first (README.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
