@@ -166,3 +166,33 @@ def test_token_budgets_are_not_checked_against_an_imported_seeds_unknown_context
     cfg["transfer"].update(pretrained=None)
     with pytest.raises(mc.ConfigError, match="transfer.seed_phase.tokens is 100"):
         mc.validate(cfg)
+
+
+def test_config_examples_in_the_docs_validate():
+    """Every ```yaml block of the README and docs/ that is config, merged into config.yaml."""
+    import re
+
+    import yaml
+
+    def merge(into, extra):
+        for key, value in extra.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = value
+
+    base = yaml.safe_load((REPO / "config.yaml").read_text())
+    checked = 0
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "configs" / "README.md"]:
+        for block in re.findall(r"```ya?ml\n(.*?)```", doc.read_text(), re.S):
+            example = yaml.safe_load(block)
+            if not isinstance(example, dict) or not set(example) <= set(base):
+                continue
+            config = copy.deepcopy(base)
+            merge(config, example)
+            try:
+                mc.validate(config)
+            except mc.ConfigError as exc:
+                pytest.fail(f"the config example in {doc.relative_to(REPO)} does not validate: {exc}")
+            checked += 1
+    assert checked >= 1  # docs/incremental.md's new source
