@@ -48,6 +48,15 @@ def test_refuses_other_seed(tmp_path, tiny_model_config):
     assert not (tmp_path / "m").exists()
 
 
+def test_refuses_checkpoints_without_a_seed_hash(tmp_path, tiny_model_config):
+    """Two sidecars without seed_sha256 would otherwise pass the seed check as None == None."""
+    for name, seed in (("a", 1), ("b", 2)):
+        make_checkpoint(tmp_path / name, tiny_model_config, seed=seed, seed_sha=None)
+    with pytest.raises(MergeError, match=r"a/mergemix.json names no seed_sha256"):
+        merge("micro", {"p": [tmp_path / "a"], "q": [tmp_path / "b"]}, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
 def test_refuses_other_shape_naming_the_tensor(tmp_path, tiny_model_config):
     from dataclasses import replace
 

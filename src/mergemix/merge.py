@@ -109,6 +109,9 @@ def check_compatible(paths: list[Path], verify: bool = True) -> dict:
                 check.result()  # the first failure in input order
     first = paths[0]
     seed = mm.read_sidecar(first).get("seed_sha256")
+    if not seed:
+        raise MergeError(f"{first / mm.SIDECAR} names no seed_sha256: without it the models cannot be checked to share "
+                         "a seed; merge checkpoints written by mergemix")
     arch = _architecture(first)
     layouts = {first: mm.read_layout(first)}
     shapes = {name: (dtype, shape) for name, (dtype, shape, *_) in layouts[first].items()}
