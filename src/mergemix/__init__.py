@@ -13,6 +13,7 @@ from mergemix.io import job_threads as _job_threads
 # Torch follows a Snakemake job's threads (OMP_NUM_THREADS); polars and the tokenizers
 # library (rayon) would start a thread per core instead, crowding the jobs that run
 # beside them. They get the job's threads too, unless the user set their own.
-if _job_threads():
+_threads = _job_threads()
+if _threads:
     for _name in ("POLARS_MAX_THREADS", "RAYON_NUM_THREADS"):
-        _os.environ.setdefault(_name, str(_job_threads()))
+        _os.environ.setdefault(_name, str(_threads))
