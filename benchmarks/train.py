@@ -22,7 +22,7 @@ per second x FLOPs per token / peak FLOP/s, and the peak is measured here: the b
 FLOP/s of a 2048 x 2048 float32 matmul with the same torch thread count (a CPU has no
 datasheet number that torch reaches).
 
-    python benchmarks/train.py                  # the demo model and a 14M model (about 5 minutes)
+    python benchmarks/train.py                  # the demo model and a 14M model (about 2.5 minutes)
     python benchmarks/train.py --tiny           # seconds (the smoke test)
     python benchmarks/train.py --device cuda --precision bf16   # the GPU path (needs CUDA)
 
