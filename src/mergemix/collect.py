@@ -16,15 +16,30 @@ log = logging.getLogger(__name__)
 COLUMNS = ["model_kind", "model_id", "mixture", "method", "domain", "domain_kind",
            "n_docs", "n_tokens", "n_bytes", "nll_sum", "ppl", "bpb"]
 TEXT = {"model_kind", "model_id", "mixture", "method", "domain", "domain_kind"}
+NUMBERS = {"n_docs": pl.Int64, "n_tokens": pl.Int64, "n_bytes": pl.Int64,
+           "nll_sum": pl.Float64, "ppl": pl.Float64, "bpb": pl.Float64}
 
 
 def collect(paths: list[Path]) -> pl.DataFrame:
-    """Concatenate rows, checking every file has exactly the design's columns."""
+    """Concatenate rows, checking every file has exactly the design's columns and numbers.
+
+    Every column is read as text and passed through as the evaluation wrote it: a type
+    guessed per file would differ between files (a diverged model's `nan` reads as text,
+    a float that prints without a decimal point as an integer) and the files would not
+    stack. Each number is still checked to parse, so a damaged file is named here.
+    """
     frames = []
     for path in paths:
-        frame = pl.read_csv(path, schema_overrides={c: pl.Utf8 for c in TEXT})
+        try:
+            frame = pl.read_csv(path, infer_schema=False)
+        except pl.exceptions.NoDataError as exc:
+            raise ValueError(f"{path} is empty: rerun its evaluation") from exc
         if frame.columns != COLUMNS:
             raise ValueError(f"{path} has columns {frame.columns}; expected {COLUMNS}: rerun its evaluation")
+        for column, dtype in NUMBERS.items():
+            bad = frame.filter(pl.col(column).cast(dtype, strict=False).is_null())[column]
+            if len(bad):
+                raise ValueError(f"{path}: column {column} holds {bad[0] or ''!r}, not a number: rerun its evaluation")
         frames.append(frame.with_columns(pl.col("method").fill_null("")))
     table = pl.concat(frames) if frames else pl.DataFrame(schema={c: pl.Utf8 for c in COLUMNS})
     return table.sort(["model_kind", "model_id", "domain"])
