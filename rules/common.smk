@@ -391,10 +391,18 @@ def ind_eval_csv(partition):
     return f"results/ppl/ind/{partition}.csv"
 
 
+# The ind models' own scores (proxies mean_ind and ind_id) are judged against seq models.
+# A proxies-only study trains and scores them only to rank by one of those proxies: for
+# a several-unit partition an ind model costs as much training as all its units.
+IND_PROXIES = ("mean_ind", "ind_id")
+SCORE_IND = bool(SEQ_MIXTURES) or config["analysis"]["rank_by"] in IND_PROXIES
+
+
 def all_ppl_csvs():
-    """Every per-model perplexity CSV the analysis reads."""
+    """Every per-model perplexity CSV the analysis (or, proxies only, the ranking) reads."""
     out = ["results/ppl/seed/seed.csv"]
-    out.extend(ind_eval_csv(p) for p in PARTITIONS)
+    if SCORE_IND:
+        out.extend(ind_eval_csv(p) for p in PARTITIONS)
     out.extend(f"results/ppl/seq/{m}.csv" for m in SEQ_MIXTURES)
     out.extend(
         f"results/ppl/merged/{method}/{batch}.csv"

@@ -43,6 +43,8 @@ def test_shipped_config_validates_and_plans(shipped):
         (lambda c: c["train"].update(unit_tokens=10), "train.unit_tokens is 10, fewer than one batch"),
         (lambda c: c["train"]["seed_phase"].update(tokens=100), "train.seed_phase.tokens is 100"),
         (lambda c: c["resources"]["seq"].update(processes=3), "cannot be split over the 3 processes"),
+        (lambda c: c["resources"]["train"].update(gpu=2), "resources.train.gpu is 2: a train job runs one process"),
+        (lambda c: c["resources"]["seed"].update(processes=4), "resources.seed.processes is 4"),
         (lambda c: c["merge"].update(weights={"1850s": 1e308, "1870s": 1e308}), "merge.weights add up"),
     ],
 )

@@ -220,20 +220,29 @@ def test_ranking_orders_every_mixture_by_its_micro_perplexity(run):
 
 def test_a_proxies_only_study_trains_no_seq_model_and_ends_in_a_ranking(run, tmp_path):
     """mixtures.seq: false, the cheap ablation itself: no seq model, no tables against one,
-    and a ranking of the same mixtures from the same merged models."""
+    no ind model (gamma's would cost as much as its two units), and a ranking of the same
+    mixtures from the same merged models."""
     study = tmp_path / "study"
     shutil.copytree(run, study, symlinks=True)
-    shutil.rmtree(study / "work/models/seq")
-    shutil.rmtree(study / "results/ppl/seq")
+    for gone in ("work/models/seq", "results/ppl/seq", "work/models/ind", "results/ppl/ind"):
+        shutil.rmtree(study / gone)
     for stale in ("results/ranking.csv", "results/correlations.csv"):
         (study / stale).unlink()
     config = yaml.safe_load((study / "config.yaml").read_text())
     config["mixtures"]["seq"] = False
+    config["merge"]["methods"] = ["micro"]  # `merged` averages ind models
     (study / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     plan = snakemake(study, "-n")
     assert plan.returncode == 0, plan.stderr[-4000:]
     planned = sorted(line.split()[1].rstrip(":") for line in plan.stdout.splitlines() if line.startswith("rule "))
     assert planned == ["all", "collect", "rank"], planned
+    # Ranking by an ind-model proxy needs gamma's ind model again, and every ind model's scores.
+    config["analysis"]["rank_by"] = "mean_ind"
+    (study / "rank_ind.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    plan = snakemake(study, "-n", "--configfile", str(study / "rank_ind.yaml"))
+    assert plan.returncode == 0, plan.stderr[-4000:]
+    planned = sorted(line.split()[1].rstrip(":") for line in plan.stdout.splitlines() if line.startswith("rule "))
+    assert planned == ["all", "collect", "evaluate_ind", "ind", "rank"], planned
     done = snakemake(study)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     table = pl.read_csv(study / "results/perplexity.csv")

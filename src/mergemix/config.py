@@ -214,6 +214,17 @@ def _check_engine(config: dict[str, Any]) -> None:
                 f"(resources.seq.{'gpu' if config['resources']['seq']['gpu'] > 0 else 'processes'}): "
                 f"make it a multiple of {processes}"
             )
+    # Only seq jobs start several ranks; any other job runs one process on one device, and
+    # GPUs or processes asked for beyond that would sit idle.
+    for kind, group in config["resources"].items():
+        if kind == "seq":
+            continue
+        for key in ("gpu", "processes"):
+            if group.get(key, 0) > 1:
+                raise ConfigError(
+                    f"resources.{kind}.{key} is {group[key]}: a {kind} job runs one process on one device, "
+                    f"so the rest would sit idle; set it to 1 (only resources.seq trains data-parallel)"
+                )
 
 
 def ranks(config: dict[str, Any], kind: str) -> int:

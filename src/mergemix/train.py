@@ -4,7 +4,8 @@ ind models and seq models.
 Every phase is one pass over packed windows of `context_length + 1` tokens (stride
 `context_length`, so each token is predicted once), shuffled with a fixed seed. The seed
 phase warms up and decays (cosine); continued pretraining starts from the seed's weights
-*and* its AdamW moments, re-warms the learning rate and then holds it (paper A.3).
+*and* its AdamW moments and re-warms the learning rate, then decays it by cosine to
+`min_lr`; the shipped configs set `min_lr = lr`, which holds it (paper A.3).
 
 Run as `python -m mergemix.train --kind unit ...` (one process; on the CPU it sets up a
 world of size 1 itself) or under the `deepspeed` launcher for several GPUs.
