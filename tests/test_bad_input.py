@@ -367,6 +367,22 @@ def test_full_disk_while_saving_a_merge(tmp_path, tiny_model_config, tiny_disk):
     assert (tiny_disk / "mine.txt").read_text().startswith("a file of the user's")
 
 
+def test_full_disk_while_writing_a_table(tmp_path, tiny_disk):
+    """Tables, shards and sidecars go through io.write_bytes, whose failed write() names no
+    file: the message must still name the output, and leave nothing partial."""
+    from mergemix.evaluate import rows_csv
+
+    row = {"model_kind": "unit", "model_id": "a/0", "mixture": "a", "method": "", "domain": "web",
+           "domain_kind": "ood", "n_docs": 3, "n_tokens": 10, "n_bytes": 40, "nll_sum": 12.5, "ppl": 3.49, "bpb": 0.6}
+    rows = tmp_path / "a.csv"
+    rows.write_text(rows_csv([{**row, "model_id": f"a/{i}"} for i in range(2000)]))  # ~150 KB out
+    (tiny_disk / "mine.txt").write_text("a file of the user's that must survive\n")
+    out = tiny_disk / "perplexity.csv"
+    line = error_line(run("-m", "mergemix.collect", "--out", str(out), str(rows)))
+    assert "no space left" in line and str(out) in line, line
+    assert files_under(tiny_disk) == {"mine.txt"}
+
+
 def test_partial_resume_folders_are_not_trusted(tmp_path):
     """A resume folder without its state.json (killed while writing) is skipped, not loaded."""
     from mergemix.train import latest_resume

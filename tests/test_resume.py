@@ -174,3 +174,36 @@ def test_a_merge_killed_at_any_moment_leaves_a_complete_checkpoint_or_none(tmp_p
     run(cmd)
     mm.verify(out)
     assert not list(tmp_path.glob(".merged.*.tmp")), "debris of killed merges must be cleared by the next one"
+
+
+def test_states_of_earlier_settings_never_crowd_out_a_new_runs(tmp_path):
+    """After a NaN stop and a rerun with another learning rate, the old run's states sit at
+    higher steps. Keeping "the newest two" by step would delete each new state as it is
+    written; the new run's own newest two are what must stay."""
+    from mergemix.train import drop_resume_from, latest_resume, save_resume
+
+    weights, moments = {"w": torch.ones(3)}, {"w.exp_avg": torch.zeros(3)}
+    for step in (450, 500):
+        save_resume(tmp_path, weights, moments, step, [], key="old")
+    for step in (50, 100, 150):
+        save_resume(tmp_path, weights, moments, step, [], key="new")
+    states = sorted(p.name for p in (tmp_path / ".resume").iterdir())
+    assert states == ["step-00000100", "step-00000150"], states
+    assert latest_resume(tmp_path, "new").name == "step-00000150"
+    # A NaN at step 120 drops this run's later state and names its last good one.
+    assert drop_resume_from(tmp_path, 120, "new").name == "step-00000100"
+
+
+def test_a_tied_embedding_model_writes_resume_states(tmp_path):
+    """A GPT-2-style seed (seed.pretrained) ties its embedding and output layer: both keys
+    are written as copies, and the state loads back with both."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mergemix.train import full_weights, latest_resume, save_resume
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=32))
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    save_resume(tmp_path, full_weights(model), {}, 4, [], key="k")
+    saved = load_file(latest_resume(tmp_path, "k") / mm.WEIGHTS)
+    assert torch.equal(saved["lm_head.weight"], saved["transformer.wte.weight"])
+    assert torch.equal(saved["lm_head.weight"], model.lm_head.weight.detach())

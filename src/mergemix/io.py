@@ -88,8 +88,10 @@ def write_bytes(path: str | Path, data: bytes, only_if_changed: bool = True) -> 
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # a failed write() or fsync() names no file
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     return True
 

@@ -190,7 +190,9 @@ def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     for name, param in model.named_parameters():
         if _zero(param):
             state[name] = safe_get_full_fp32_param(param)
-    return {k: v.cpu().contiguous() for k, v in state.items()}
+    # Tied tensors (a GPT-2 seed's embedding and output layer) still share memory on the
+    # CPU, which safetensors refuses to save: give each its own copy, as `mm.save` does.
+    return mm.untied({k: v.cpu().contiguous() for k, v in state.items()})
 
 
 def restore_full_weights(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
@@ -229,17 +231,33 @@ def save_resume(out: Path, weights: dict[str, torch.Tensor], moments: dict[str, 
         if target.exists():  # written by an earlier attempt with other settings
             shutil.rmtree(target)
         stage.path.rename(target)  # one rename: a resume folder is complete or absent
-    # Keep the newest two: if the newest turns out to produce a non-finite loss, the one
-    # before it is the last good state.
-    for old in sorted(root.glob("step-*"))[:-2]:
-        shutil.rmtree(old, ignore_errors=True)
+    # Keep this run's newest two: if the newest turns out to produce a non-finite loss, the
+    # one before it is the last good state. States of other inputs or settings (an earlier
+    # attempt's) can never be resumed by this run and go, whatever their step.
+    ours = _states(out, key)
+    for old in sorted(root.glob("step-*")):
+        if old not in ours[-2:]:
+            shutil.rmtree(old, ignore_errors=True)
     return target
 
 
-def drop_resume_from(out: Path, step: int) -> Path | None:
-    """Delete resume states at or after `step` (they lead to a non-finite loss); return the newest left."""
-    kept = []
+def _states(out: Path, key: str) -> list[Path]:
+    """Complete resume folders written for `key`, oldest first."""
+    found = []
     for folder in sorted((out / RESUME_DIR).glob("step-*")):
+        try:
+            state = io.read_json(folder / "state.json")
+        except (OSError, ValueError):
+            continue
+        if state.get("fingerprint") == key:
+            found.append(folder)
+    return found
+
+
+def drop_resume_from(out: Path, step: int, key: str) -> Path | None:
+    """Delete this run's resume states at or after `step` (they lead to a non-finite loss); return its newest left."""
+    kept = []
+    for folder in _states(out, key):
         if int(folder.name.split("-")[1]) >= step:
             shutil.rmtree(folder, ignore_errors=True)
         else:
@@ -275,15 +293,15 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def _agree(loss: torch.Tensor, stop: bool, world: int) -> tuple[float, bool]:
-    """Mean loss over the ranks, and whether any rank was asked to stop."""
+def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
+    """The mean of a scalar over the ranks (every rank calls it at the same point)."""
     if world == 1:
-        return loss.item(), stop
+        return value.item()
     import torch.distributed as dist
 
-    both = torch.stack([loss.float(), torch.tensor(float(stop), device=loss.device)])
-    dist.all_reduce(both)  # sum over ranks (gloo on CPUs)
-    return both[0].item() / world, both[1].item() > 0
+    total = value.detach().float().reshape(1).clone()
+    dist.all_reduce(total)  # sum over ranks (gloo on CPUs)
+    return total.item() / world
 
 
 # --- engine ----------------------------------------------------------------------------
@@ -432,10 +450,10 @@ def train(
         batch = data[order[step * phase.batch_size : (step + 1) * phase.batch_size]]
         local = torch.from_numpy(batch[mine]).to(engine.device)
         loss = window_loss(engine, local)
-        # Ranks agree on the batch loss and on a pending SIGTERM, so they stop together.
-        mean_loss, stop = _agree(loss.detach(), preemption.requested, world)
+        # Ranks agree on the batch loss before stepping: a non-finite loss stops them all.
+        mean_loss = _mean_over_ranks(loss, world)
         if not math.isfinite(mean_loss):
-            good = drop_resume_from(out, step) if rank0 else None
+            good = drop_resume_from(out, step, key) if rank0 else None
             kept = f"; the last good state ({good.name}) is kept in {good.parent}" if good else ""
             raise TrainError(f"{kind} training loss is {mean_loss} at step {step}: lower the learning rate{kept}")
         lr = lr_at(step, steps, phase)  # a pure function of the step: nothing to restore on resume
@@ -443,6 +461,9 @@ def train(
             group["lr"] = lr
         engine.backward(loss)
         engine.step()
+        # ... and on a pending SIGTERM once the step is done, so a signal that came during
+        # it is acted on now (not a step later) and the ranks stop together.
+        stop = _mean_over_ranks(torch.tensor(float(preemption.requested), device=engine.device), world) > 0
         tokens_seen += batch.shape[0] * (batch.shape[1] - 1)
         metrics.append({"step": step + 1, "tokens": tokens_seen, "loss": round(mean_loss, 5),
                         "lr": lr, "elapsed_s": round(time.time() - started, 3)})
