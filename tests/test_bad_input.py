@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
@@ -381,6 +383,23 @@ def test_full_disk_while_writing_a_table(tmp_path, tiny_disk):
     line = error_line(run("-m", "mergemix.collect", "--out", str(out), str(rows)))
     assert "no space left" in line and str(out) in line, line
     assert files_under(tiny_disk) == {"mine.txt"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="torch sees a GPU here")
+@pytest.mark.parametrize("stage, args", [
+    ("train", ["--kind", "unit", "--tokenizer", "tok", "--unit", "shard:0"]),
+    ("evaluate", ["--model", "m", "--domain", "d:ood:10:shard", "--model-kind", "unit", "--model-id", "m"]),
+    ("engine", ["--method", "micro", "--model", "p=m", "--mixture", "p", "--domain", "d:ood:10:shard"]),
+])
+def test_gpus_given_to_a_job_that_cannot_use_them(tmp_path, stage, args):
+    """A Slurm job given GPUs (CUDA_VISIBLE_DEVICES) with a CPU build of torch stops at
+    once rather than running a GPU-sized job on the CPU."""
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", f"mergemix.{stage}", *args, "--out", str(out)], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path, env={**os.environ, "CUDA_VISIBLE_DEVICES": "0,1"})
+    line = error_line(done)
+    assert "CUDA_VISIBLE_DEVICES=0,1" in line and "sees no CUDA device" in line, line
+    assert not out.exists()
 
 
 def test_partial_resume_folders_are_not_trusted(tmp_path):

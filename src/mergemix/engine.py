@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     def work() -> None:
+        mm.check_gpus_usable()
         models: dict[str, list[Path]] = {}
         for partition, path in parse_pairs(args.model, "--model"):
             models.setdefault(partition, []).append(Path(path))
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             io.write_text(args.timings, timings_csv(timings))
         log.info("%d mixtures, %d rows -> %s", len(jobs), len(rows), args.out)
 
-    return io.run_command(work, (EngineError, MergeError, EvalError, TokenizeError, mm.CheckpointError))
+    return io.run_command(work, (EngineError, MergeError, EvalError, TokenizeError, mm.CheckpointError, mm.DeviceError))
 
 
 if __name__ == "__main__":

@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         domains = [Domain.parse(d) for d in args.domain]
         if not domains:
             raise EvalError("no --domain given")
+        mm.check_gpus_usable()
         model = mm.load(args.model).eval()
         if torch.cuda.is_available():
             model = model.cuda()
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         ident = {"model_kind": args.model_kind, "model_id": args.model_id, "mixture": args.mixture, "method": args.method}
         io.write_text(args.out, rows_csv([{**ident, **row} for row in rows]))
 
-    return io.run_command(work, (EvalError, TokenizeError, mm.CheckpointError))
+    return io.run_command(work, (EvalError, TokenizeError, mm.CheckpointError, mm.DeviceError))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -138,6 +139,27 @@ def read_layout(path: str | Path) -> dict[str, tuple[str, tuple[int, ...], int, 
             raise damaged(f"tensor '{name}' needs bytes {start + first} to {start + end} but the file has {size}")
         spans[name] = (dtype, shape, start + first, start + end)
     return dict(sorted(spans.items(), key=lambda item: item[1][2]))
+
+
+class DeviceError(ValueError):
+    """A job given GPUs that torch cannot use."""
+
+
+def check_gpus_usable() -> None:
+    """Refuse to train or score on the CPU when this job was given GPUs torch cannot see.
+
+    Slurm (and users) hand GPUs to a job through CUDA_VISIBLE_DEVICES. A CPU build of
+    torch (envs/mergemix.yaml's pytorch-cpu, say) would ignore them and run a GPU-sized
+    job on the CPU for days without a word; this stops it at the start instead.
+    """
+    import torch
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if visible and visible not in ("-1", "NoDevFiles") and not torch.cuda.is_available():
+        raise DeviceError(
+            f"this job was given GPUs (CUDA_VISIBLE_DEVICES={visible}) but torch {torch.__version__} sees no CUDA "
+            "device: install a CUDA build of torch, or run on the CPU with CUDA_VISIBLE_DEVICES= and resources.*.gpu: 0"
+        )
 
 
 def hardware() -> dict[str, Any]:

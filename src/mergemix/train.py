@@ -562,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     def work() -> None:
+        mm.check_gpus_usable()
         if args.pretrained:
             import_seed(args.pretrained, args.tokenizer, args.out)
             return
