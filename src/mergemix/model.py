@@ -150,11 +150,16 @@ def check_gpus_usable() -> None:
 
     Slurm (and users) hand GPUs to a job through CUDA_VISIBLE_DEVICES. A CPU build of
     torch (envs/mergemix.yaml's pytorch-cpu, say) would ignore them and run a GPU-sized
-    job on the CPU for days without a word; this stops it at the start instead.
+    job on the CPU for days without a word; this stops it at the start instead. The
+    ranks of a data-parallel job on CPUs are exempt: DeepSpeed's launcher numbers them
+    through CUDA_VISIBLE_DEVICES too, and `train.launch` marks them DS_ACCELERATOR=cpu
+    once their parent has passed this check.
     """
     import torch
 
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if os.environ.get("DS_ACCELERATOR") == "cpu":
+        return
     if visible and visible not in ("-1", "NoDevFiles") and not torch.cuda.is_available():
         raise DeviceError(
             f"this job was given GPUs (CUDA_VISIBLE_DEVICES={visible}) but torch {torch.__version__} sees no CUDA "
