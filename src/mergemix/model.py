@@ -157,9 +157,9 @@ def check_gpus_usable() -> None:
     """
     import torch
 
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
     if os.environ.get("DS_ACCELERATOR") == "cpu":
         return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
     if visible and visible not in ("-1", "NoDevFiles") and not torch.cuda.is_available():
         raise DeviceError(
             f"this job was given GPUs (CUDA_VISIBLE_DEVICES={visible}) but torch {torch.__version__} sees no CUDA "

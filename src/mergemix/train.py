@@ -234,30 +234,30 @@ def save_resume(out: Path, weights: dict[str, torch.Tensor], moments: dict[str, 
     # Keep this run's newest two: if the newest turns out to produce a non-finite loss, the
     # one before it is the last good state. States of other inputs or settings (an earlier
     # attempt's) can never be resumed by this run and go, whatever their step.
-    ours = _states(out, key)
+    ours, _ = _states(out, key)
     for old in sorted(root.glob("step-*")):
         if old not in ours[-2:]:
             shutil.rmtree(old, ignore_errors=True)
     return target
 
 
-def _states(out: Path, key: str) -> list[Path]:
-    """Complete resume folders written for `key`, oldest first."""
-    found = []
+def _states(out: Path, key: str) -> tuple[list[Path], list[Path]]:
+    """Complete resume folders written for `key`, and those written for other inputs or
+    settings, each oldest first (a folder without a readable state.json is neither)."""
+    ours, others = [], []
     for folder in sorted((out / RESUME_DIR).glob("step-*")):
         try:
             state = io.read_json(folder / "state.json")
         except (OSError, ValueError):
             continue
-        if state.get("fingerprint") == key:
-            found.append(folder)
-    return found
+        (ours if state.get("fingerprint") == key else others).append(folder)
+    return ours, others
 
 
 def drop_resume_from(out: Path, step: int, key: str) -> Path | None:
     """Delete this run's resume states at or after `step` (they lead to a non-finite loss); return its newest left."""
     kept = []
-    for folder in _states(out, key):
+    for folder in _states(out, key)[0]:
         if int(folder.name.split("-")[1]) >= step:
             shutil.rmtree(folder, ignore_errors=True)
         else:
@@ -267,16 +267,10 @@ def drop_resume_from(out: Path, step: int, key: str) -> Path | None:
 
 def latest_resume(out: Path, key: str) -> Path | None:
     """The newest complete resume folder written for the same inputs, if any."""
-    candidates = sorted((out / RESUME_DIR).glob("step-*"), reverse=True)
-    for folder in candidates:
-        try:
-            state = io.read_json(folder / "state.json")
-        except (OSError, ValueError):
-            continue
-        if state.get("fingerprint") == key:
-            return folder
+    ours, others = _states(out, key)
+    for folder in others:
         log.warning("ignoring resume state %s: it was written for other inputs or settings", folder)
-    return None
+    return ours[-1] if ours else None
 
 
 class _Preemption:
