@@ -72,16 +72,24 @@ def test_refuses_other_shape_naming_the_tensor(tmp_path, tiny_model_config):
     assert not (tmp_path / "m").exists()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_merge_rounds_as_torch_does(tmp_path, tiny_model_config, dtype):
-    """bfloat16/float16 checkpoints: widened to float32, averaged, rounded back like torch's .to(dtype)."""
+@pytest.mark.parametrize("block", [None, 1000])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_merge_rounds_as_torch_does_in_every_block(tmp_path, tiny_model_config, dtype, block, monkeypatch):
+    """Checkpoints of each dtype: widened to float32, averaged, rounded back like torch's .to(dtype).
+
+    The average is summed BLOCK elements at a time: the 4,099-token embedding (131,168
+    elements) spans three default blocks, the last one partial, and with 1,000-element
+    blocks every tensor but the smallest crosses block edges at odd offsets.
+    """
     from safetensors.torch import save_file
 
-    from mergemix import io
+    from mergemix import io, merge as merging
 
+    if block:
+        monkeypatch.setattr(merging, "BLOCK", block)
     states = {}
     for name, seed in (("a", 1), ("b", 2), ("c", 3)):
-        model = make_checkpoint(tmp_path / name, tiny_model_config, seed=seed)
+        model = make_checkpoint(tmp_path / name, tiny_model_config, seed=seed, vocab=4099)
         states[name] = {k: v.to(dtype) for k, v in model.state_dict().items()}
         save_file(states[name], tmp_path / name / mm.WEIGHTS, metadata={"format": "pt"})
         sidecar = mm.read_sidecar(tmp_path / name)
@@ -143,3 +151,18 @@ def test_a_new_model_in_a_folder_drops_tensor_files_the_old_one_had(tmp_path, ti
     assert (tmp_path / "seed" / "optimizer.safetensors").is_file()
     mm.save(model, tmp_path / "seed", {"kind": "seed"}, is_seed=True)
     assert sorted(p.name for p in (tmp_path / "seed").iterdir()) == ["config.json", "mergemix.json", "model.safetensors"]
+
+
+def test_an_input_cut_short_during_the_average_is_named(tmp_path, tiny_model_config):
+    """A file truncated after its header was checked (another process at work) ends the read, named."""
+    from mergemix.merge import averaged
+
+    for name, seed in (("a", 1), ("b", 2)):
+        make_checkpoint(tmp_path / name, tiny_model_config, seed=seed)
+    paths = [tmp_path / "a", tmp_path / "b"]
+    layouts = {path: mm.read_layout(path) for path in paths}
+    weights = tmp_path / "b" / mm.WEIGHTS
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(MergeError, match=r"b/model\.safetensors ended at byte \d+, before its header's end"):
+        for _ in averaged({path: 0.5 for path in paths}, layouts, layouts[paths[0]]):
+            pass

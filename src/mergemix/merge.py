@@ -1,10 +1,10 @@
 """Parameter averaging of checkpoints: micro, macro, merged and weighted merges.
 
 Every method is a set of per-checkpoint weights (a pure function, `merge_weights`) fed
-to one streaming average (`averaged`). The average maps each input tensor straight from
-its safetensors file with numpy (no copy, and no torch: the import alone would cost
-more than a small merge), accumulates in float32 and is written to disk tensor by
-tensor, so memory stays near one model's size whatever the number of inputs. Every
+to one streaming average (`averaged`). The average reads every input's tensors block by
+block with numpy (no torch: the import alone would cost more than a small merge),
+accumulates in float32 and is written to disk tensor by tensor, so memory stays near
+one tensor's size whatever the number of inputs. Every
 input is hashed against its sidecar on the other cores while the average is formed, and
 nothing is committed unless all of them match. It refuses checkpoints that did not grow
 from the same seed or whose architecture, tensor names, shapes or dtypes differ, naming
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,8 @@ METHODS = ("micro", "macro", "weighted", "merged")
 # config.json keys that describe how a file was written, not the architecture.
 _NON_ARCH_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures"}
 # How each floating-point safetensors dtype is mapped into numpy (bfloat16 as its bits).
+# Elements of every input summed at a time: the sums of a block stay in the core's cache.
+BLOCK = 1 << 16
 _STORED = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
 
@@ -162,9 +165,10 @@ def weighted_sum(terms: Iterable[tuple[Any, float]]) -> Any:
 def accumulate(terms: Iterable[tuple[np.ndarray, float]], acc: np.ndarray, scratch: np.ndarray) -> np.ndarray:
     """weighted_sum's arithmetic in numpy, into two caller-owned float32 buffers.
 
-    acc and scratch are flat buffers of at least the tensor's size, reused for every
-    tensor of a merge: a fresh array per product would cost a page fault for every 4 KiB
-    of it, more time than the arithmetic. Returns the view of acc that holds the sum.
+    acc and scratch are flat buffers of at least the terms' size. `averaged` calls this
+    on blocks of BLOCK elements, so both stay in the core's cache while all k inputs are
+    added: a whole tensor at a time sends acc and scratch through memory once per input,
+    twice the time. Returns the view of acc that holds the sum.
     """
     out = None
     for tensor, weight in terms:
@@ -176,22 +180,27 @@ def accumulate(terms: Iterable[tuple[np.ndarray, float]], acc: np.ndarray, scrat
     return out
 
 
-def read_tensor(path: Path, span: tuple[str, tuple[int, ...], int, int]) -> np.ndarray:
-    """One tensor of one checkpoint as float32, mapped from its file for this tensor alone.
+def read_block(fd: int, raw: np.ndarray, span: tuple[str, tuple[int, ...], int, int], lo: int, hi: int, file: Path) -> np.ndarray:
+    """Elements lo:hi of one tensor of an open checkpoint as float32, read into the byte buffer raw.
 
-    A mapping counts as resident memory for every page it has touched while it is open:
-    k whole files held open through a merge would end up holding k models. Mapping one
-    tensor at a time (and dropping it once added) lets its pages go as soon as it has
-    been used. float32 tensors are read in place, without a copy.
+    pread into a small buffer reused for every block: the bytes go from the page cache
+    into the core's cache and are added there, and nothing of the file stays resident
+    in this process (a mapping would count every page it touched as its memory).
     """
-    dtype, shape, first, end = span
-    if end == first:
-        return np.zeros(shape, dtype=np.float32)
-    stored = np.memmap(path / mm.WEIGHTS, dtype=_STORED[dtype], mode="r", offset=first, shape=shape or (1,))
-    stored = np.asarray(stored).reshape(shape)
+    dtype, _, first, _ = span
+    stored = np.dtype(_STORED[dtype])
+    want = (hi - lo) * stored.itemsize
+    view, got = memoryview(raw)[:want], 0
+    while got < want:
+        n = os.preadv(fd, [view[got:]], first + lo * stored.itemsize + got)
+        if n == 0:
+            raise MergeError(f"{file} ended at byte {first + lo * stored.itemsize + got}, before its header's end: "
+                             "it was truncated while being merged; rerun")
+        got += n
+    block = raw[:want].view(stored)
     if dtype == "BF16":  # bfloat16 is the top half of a float32
-        return (stored.astype(np.uint32) << 16).view(np.float32)
-    return stored.astype(np.float32, copy=False)
+        return (block.astype(np.uint32) << 16).view(np.float32)
+    return block.astype(np.float32, copy=False)
 
 
 def to_stored(acc: np.ndarray, dtype: str) -> np.ndarray:
@@ -205,18 +214,33 @@ def to_stored(acc: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def averaged(weights: dict[Path, float], layouts: dict[Path, dict], names: Iterable[str]) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, weighted average in the stored dtype) for each tensor name in turn: one tensor of one input at a time.
+    """(name, weighted average in the stored dtype) for each tensor name in turn, summed block by block.
 
-    Each yielded array lives in a buffer that the next tensor reuses: write or copy it
-    before asking for the next.
+    Memory is one output tensor and one BLOCK of each input, whatever the number of
+    inputs. Each yielded array lives in a buffer that the next tensor reuses: write or
+    copy it before asking for the next.
     """
-    names = list(names)
-    first = layouts[next(iter(weights))]
+    names, paths = list(names), list(weights)
+    first = layouts[paths[0]]
     size = max((math.prod(first[name][1]) for name in names), default=0)
-    acc, scratch = np.empty(size, dtype=np.float32), np.empty(size, dtype=np.float32)
-    for name in names:
-        terms = ((read_tensor(path, layouts[path][name]), float(w)) for path, w in weights.items())
-        yield name, to_stored(accumulate(terms, acc, scratch), first[name][0])
+    acc, scratch = np.empty(size, dtype=np.float32), np.empty(BLOCK, dtype=np.float32)
+    raws = [np.empty(BLOCK * 8, dtype=np.uint8) for _ in paths]  # 8 bytes: the widest dtype, F64
+    files = [path / mm.WEIGHTS for path in paths]
+    fds: list[int] = []
+    try:
+        for file in files:
+            fds.append(os.open(file, os.O_RDONLY))
+        for name in names:
+            dtype, shape = first[name][:2]
+            out = acc[: math.prod(shape)]
+            for lo in range(0, out.size, BLOCK):
+                hi = min(lo + BLOCK, out.size)
+                accumulate(((read_block(fd, raw, layouts[path][name], lo, hi, file), float(weights[path]))
+                            for fd, raw, path, file in zip(fds, raws, paths, files)), out[lo:hi], scratch)
+            yield name, to_stored(out.reshape(shape), dtype)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def average(weights: dict[Path, float]) -> dict[str, np.ndarray]:
