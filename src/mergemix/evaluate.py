@@ -101,14 +101,16 @@ def score_windows(model: torch.nn.Module, windows: list[tuple[np.ndarray, np.nda
     for b in range(0, len(windows), batch_size):
         batch = windows[b : b + batch_size]
         width = len(batch[0][0])
+        # Short windows are padded on the right and the padding is never scored (-100).
+        # Attention is causal, so a real token attends only to real tokens before it and
+        # no attention mask is needed: without one the attention takes its causal fast
+        # path (flash attention on a GPU) instead of applying a mask tensor.
         inputs = torch.zeros((len(batch), width), dtype=torch.long)
         targets = torch.full((len(batch), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, (x, y) in enumerate(batch):
             inputs[row, : len(x)] = torch.from_numpy(x)
             targets[row, : len(y)] = torch.from_numpy(y)
-            mask[row, : len(x)] = 1
-        logits = model(input_ids=inputs.to(device), attention_mask=mask.to(device)).logits.float()
+        logits = model(input_ids=inputs.to(device)).logits.float()
         total += torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), targets.to(device).reshape(-1), ignore_index=-100, reduction="sum"
         ).item()
