@@ -189,12 +189,12 @@ def read_block(fd: int, raw: np.ndarray, span: tuple[str, tuple[int, ...], int, 
     """
     dtype, _, first, _ = span
     stored = np.dtype(_STORED[dtype])
-    want = (hi - lo) * stored.itemsize
+    start, want = first + lo * stored.itemsize, (hi - lo) * stored.itemsize
     view, got = memoryview(raw)[:want], 0
     while got < want:
-        n = os.preadv(fd, [view[got:]], first + lo * stored.itemsize + got)
+        n = os.preadv(fd, [view[got:]], start + got)
         if n == 0:
-            raise MergeError(f"{file} ended at byte {first + lo * stored.itemsize + got}, before its header's end: "
+            raise MergeError(f"{file} ended at byte {start + got}, before its header's end: "
                              "it was truncated while being merged; rerun")
         got += n
     block = raw[:want].view(stored)
