@@ -23,6 +23,7 @@ rule seed:
         shard=[] if SEED_PRETRAINED else shard_files(shard("train", "seed", "seed")),
     output:
         model="work/models/seed/model.safetensors",
+        config="work/models/seed/config.json",
         sidecar="work/models/seed/mergemix.json",
     log:
         "logs/train/seed.log",
@@ -57,6 +58,7 @@ rule unit:
         shard=shard_files("work/tokens/{source}/{partition}/train"),
     output:
         model="work/models/unit/{source}/{partition}/{unit}/model.safetensors",
+        config="work/models/unit/{source}/{partition}/{unit}/config.json",
         sidecar="work/models/unit/{source}/{partition}/{unit}/mergemix.json",
     log:
         "logs/train/unit/{source}/{partition}/{unit}.log",
@@ -92,6 +94,7 @@ rule ind:
         ),
     output:
         model="work/models/ind/{partition}/model.safetensors",
+        config="work/models/ind/{partition}/config.json",
         sidecar="work/models/ind/{partition}/mergemix.json",
     log:
         "logs/train/ind/{partition}.log",
@@ -125,6 +128,7 @@ rule seq:
         shards=get_seq_inputs,
     output:
         model="work/models/seq/{mixture}/model.safetensors",
+        config="work/models/seq/{mixture}/config.json",
         sidecar="work/models/seq/{mixture}/mergemix.json",
     log:
         "logs/train/seq/{mixture}.log",

@@ -24,6 +24,7 @@ rule seed_large:
         ),
     output:
         model="work/models/seed_large/model.safetensors",
+        config="work/models/seed_large/config.json",
         sidecar="work/models/seed_large/mergemix.json",
     log:
         "logs/train/seed_large.log",
@@ -58,6 +59,7 @@ rule seq_large:
         shards=get_seq_inputs,
     output:
         model="work/models/seq_large/{mixture}/model.safetensors",
+        config="work/models/seq_large/{mixture}/config.json",
         sidecar="work/models/seq_large/{mixture}/mergemix.json",
     log:
         "logs/train/seq_large/{mixture}.log",

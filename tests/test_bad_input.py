@@ -313,8 +313,21 @@ def ckpt_no_weights(tmp, cfg):
     return str(tmp / "b")
 
 
+def ckpt_no_config(tmp, cfg):
+    make_checkpoint(tmp / "b", cfg, 2)
+    (tmp / "b" / mm.CONFIG).unlink()
+    return str(tmp / "b")
+
+
+def ckpt_bad_config(tmp, cfg):
+    make_checkpoint(tmp / "b", cfg, 2)
+    (tmp / "b" / mm.CONFIG).write_text('{"model_type": "gpt_neox", ')
+    return str(tmp / "b" / mm.CONFIG)
+
+
 CHECKPOINT_CASES = [ckpt_other_seed, ckpt_other_architecture, ckpt_other_shape, ckpt_missing_tensor,
-                    ckpt_corrupt_bytes, ckpt_truncated, ckpt_no_sidecar, ckpt_bad_sidecar, ckpt_no_weights]
+                    ckpt_corrupt_bytes, ckpt_truncated, ckpt_no_sidecar, ckpt_bad_sidecar, ckpt_no_weights,
+                    ckpt_no_config, ckpt_bad_config]
 
 
 @pytest.mark.parametrize("case", CHECKPOINT_CASES, ids=lambda f: f.__name__.removeprefix("ckpt_"))
@@ -330,7 +343,8 @@ def test_merge_refuses_with_the_culprit(case, tmp_path, tiny_model_config):
     assert not list(tmp_path.glob(".merged*")), "staging debris left beside the output"
 
 
-@pytest.mark.parametrize("case", [ckpt_corrupt_bytes, ckpt_truncated], ids=["corrupt", "truncated"])
+@pytest.mark.parametrize("case", [ckpt_corrupt_bytes, ckpt_truncated, ckpt_no_config, ckpt_bad_config],
+                         ids=["corrupt", "truncated", "no_config", "bad_config"])
 def test_evaluate_refuses_a_damaged_checkpoint(case, tmp_path, tiny_model_config, shard):
     culprit = case(tmp_path, tiny_model_config)
     out = tmp_path / "rows.csv"

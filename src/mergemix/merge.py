@@ -77,7 +77,7 @@ def merge_weights(method: str, groups: dict[str, list[str]], tokens: dict[str, f
 
 
 def _architecture(path: Path) -> dict:
-    config = io.read_json(path / "config.json")
+    config = mm.read_config(path)
     return {k: v for k, v in config.items() if k not in _NON_ARCH_KEYS}
 
 
@@ -141,7 +141,7 @@ def check_compatible(paths: list[Path], verify: bool = True) -> dict:
                 raise MergeError(f"tensor '{name}' has shape {shape} in {path} but {shapes[name][1]} in {first}")
             if dtype != shapes[name][0]:
                 raise MergeError(f"tensor '{name}' is {dtype} in {path} but {shapes[name][0]} in {first}")
-    return {"seed_sha256": seed, "config": io.read_json(first / "config.json"), "layout": shapes, "layouts": layouts}
+    return {"seed_sha256": seed, "config": mm.read_config(first), "layout": shapes, "layouts": layouts}
 
 
 def weighted_sum(terms: Iterable[tuple[Any, float]]) -> Any:
@@ -271,7 +271,7 @@ def merge(method: str, groups: dict[str, list[Path]], out: Path, tokens: dict[st
     workers = min(len(paths), io.cores())
     with ThreadPoolExecutor(max_workers=workers) as pool, io.StagingDir(out) as stage:
         checks = verify_all(paths, pool)
-        io.write_json(stage.path / "config.json", info["config"])
+        io.write_json(stage.path / mm.CONFIG, info["config"])
         # Streamed to disk as it is averaged: one output tensor in memory, not a model.
         layout = {name: info["layout"][name] for name in info["layouts"][paths[0]]}  # in the first file's order
         tensors = averaged({by_name[k]: w for k, w in weights.items()}, info["layouts"], layout)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # torch is imported where it is used: merging needs none of i
     from mergemix.config import ModelConfig
 
 SIDECAR = "mergemix.json"
+CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 
 
@@ -68,6 +69,7 @@ def load(path: str | Path, dtype: torch.dtype | None = None) -> torch.nn.Module:
 
     path = Path(path)
     verify(path)
+    read_config(path)  # a missing or damaged config.json is named here, not deep in transformers
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, use_safetensors=True)
 
 
@@ -99,6 +101,20 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
         return io.read_json(file)
     except ValueError as exc:
         raise CheckpointError(f"{file} is not valid JSON ({exc}): delete {path} and rerun") from exc
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's config.json (its architecture), refused with its name if missing or not JSON."""
+    file = Path(path) / CONFIG
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {CONFIG}: delete {path} and rerun to write it again")
+    try:
+        config = io.read_json(file)
+    except ValueError as exc:
+        raise CheckpointError(f"{file} is not valid JSON ({exc}): delete {path} and rerun") from exc
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise CheckpointError(f"{file} names no model_type: it is not a Hugging Face model config; delete {path} and rerun")
+    return config
 
 
 def read_layout(path: str | Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
