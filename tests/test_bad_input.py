@@ -98,6 +98,7 @@ CONFIG_CASES = {
     "ranking by a merge method not scored": (_set("analysis.rank_by", "macro"), "analysis.rank_by"),
     "unit smaller than one batch": (_set("train.unit_tokens", 100), "train.unit_tokens"),
     "bf16 without ZeRO": (_set("train.precision", "bf16"), "train.zero_stage"),
+    "no out-of-domain set": (_set("eval.ood", {}), "eval.ood"),
 }
 
 
