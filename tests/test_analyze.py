@@ -348,12 +348,40 @@ def test_pairwise_accuracy_ties():
 
 
 def test_proxy_pick_ties_and_true_rank():
-    # proxy tie at the minimum goes to the id sorting first (b before c);
-    # seq ppl of b is 2.0 and two mixtures (a, d) are strictly lower -> rank 3
+    # the proxy ties b and c at its minimum: b (seq 2.0, beaten by a and d) has true rank 3,
+    # c (seq 5.0, beaten by three) rank 4; the pick's true rank is their mean, and the id
+    # shown is the one sorting first
     pick, best, rank = analyze.proxy_pick(["c", "b", "a", "d"], [0.5, 0.5, 9.0, 7.0], [5.0, 2.0, 1.0, 1.0])
-    assert (pick, best, rank) == ("b", "a", 3)
+    assert (pick, best, rank) == ("b", "a", 3.5)
     # a pick tied with the best in seq ppl shares rank 1
-    assert analyze.proxy_pick(["x", "y"], [1.0, 2.0], [3.0, 3.0]) == ("x", "x", 1)
+    assert analyze.proxy_pick(["x", "y"], [1.0, 2.0], [3.0, 3.0]) == ("x", "x", 1.0)
+
+
+def test_a_proxy_tie_at_the_top_does_not_depend_on_mixture_names():
+    # the proxy cannot choose between the true best (seq 10) and the worst (seq 30)
+    seq, proxy = [30.0, 10.0, 20.0], [5.0, 5.0, 6.0]
+    for names in (["a+b", "c+d", "e+f"], ["x+y", "c+d", "e+f"]):
+        frame = _scores_frame("news", seq, {"micro": proxy}).with_columns(
+            pl.col("mixture").replace(dict(zip(["m0", "m1", "m2"], names))))
+        row = _corr(correlations(frame), "news", "micro")
+        assert row["top1"] == 0.5 and row["true_rank"] == 2.0, names
+
+
+def test_a_failed_proxy_ranks_last_in_the_decisions():
+    # the micro merge of m0 diverged (inf); m0 is the true best. Pearson and Spearman
+    # cannot use it; the decisions keep it, as the proxy's worst mixture.
+    frame = _scores_frame("news", [10.0, 20.0, 30.0, 40.0], {"micro": [math.inf, 21.0, 31.0, 41.0]})
+    row = _corr(correlations(frame), "news", "micro")
+    assert row["n_mixtures"] == 3 and row["pearson_r"] == pytest.approx(1.0)
+    # pairs: the three with m0 wrong, the other three right
+    assert row["n_pairs"] == 6 and row["pairwise_acc"] == 0.5
+    assert (row["proxy_best"], row["true_best"]) == ("m1", "m0")
+    assert row["top1"] == 0.0 and row["true_rank"] == 2.0
+    # NaN is a failure too, and two failures tie (half a point)
+    frame = _scores_frame("news", [10.0, 20.0, 30.0], {"micro": [math.nan, math.inf, 5.0]})
+    row = _corr(correlations(frame), "news", "micro")
+    assert row["n_pairs"] == 3 and row["pairwise_acc"] == pytest.approx(0.5 / 3)
+    assert row["proxy_best"] == "m2" and row["true_rank"] == 3.0
 
 
 def test_rank_statistics_need_two_mixtures():

@@ -34,8 +34,8 @@ def shard(tmp_path_factory, texts, tokenizer_dir):
     return root / "docs" / "train"
 
 
-def command(shard, tokenizer_dir, out, **engine):
-    return [sys.executable, "-m", "mergemix.train", "--kind", "seed", "--tokenizer", str(tokenizer_dir),
+def command(shard, tokenizer_dir, out, kind="seed", **engine):
+    return [sys.executable, "-m", "mergemix.train", "--kind", kind, "--tokenizer", str(tokenizer_dir),
             "--unit", f"{shard}:0", "--unit-tokens", "40000", "--model-json", json.dumps(MODEL),
             "--train-json", json.dumps(dict(TRAIN, **engine)), "--phase-json", json.dumps(PHASE), "--threads", "1",
             "--out", str(out)]
@@ -110,6 +110,24 @@ def test_sigterm_saves_promptly_and_a_rerun_resumes(shard, tokenizer_dir, refere
     assert not (out / mm.WEIGHTS).exists()
     run(command(shard, tokenizer_dir, out))
     assert_same_weights(reference, out)
+
+
+def test_continued_pretraining_resumes_bit_for_bit_and_says_what_it_carried(shard, tokenizer_dir, reference, tmp_path):
+    """A unit model carries the seed's AdamW moments; killed and rerun, it resumes from its
+    own state and ends as an uninterrupted run does, sidecar included."""
+    def unit(out):  # the last --unit-tokens counts: half the seed's
+        return [*command(shard, tokenizer_dir, out, kind="unit"), "--init", str(reference), "--unit-tokens", "20000"]
+    whole = tmp_path / "whole"
+    run(unit(whole))
+    out = tmp_path / "killed"
+    proc = start_and_signal(unit(out), out, TRAIN["checkpoint_every"], signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, "training ended before the kill"
+    assert "resuming unit" in run(unit(out)).stderr
+    assert_same_weights(whole, out)
+    a, b = mm.read_sidecar(whole), mm.read_sidecar(out)
+    assert a["optimizer_tensors_carried"] > 0
+    for key in ("optimizer_tensors_carried", "tokens", "steps", "seed_sha256", "weights_sha256"):
+        assert a[key] == b[key], key
 
 
 def test_state_from_other_settings_is_not_resumed(shard, tokenizer_dir, reference, tmp_path):

@@ -528,7 +528,7 @@ def pairwise_accuracy(proxy: Sequence[float], truth: Sequence[float]) -> tuple[f
         return float("nan"), 0
     i, j = np.triu_indices(x.size, k=1)
     dy = np.sign(y[i] - y[j])
-    dx = np.sign(x[i] - x[j])
+    dx = np.where(x[i] == x[j], 0.0, np.sign(x[i] - x[j]))  # two infinite (failed) proxies tie
     keep = dy != 0
     if not keep.any():
         return float("nan"), 0
@@ -536,15 +536,29 @@ def pairwise_accuracy(proxy: Sequence[float], truth: Sequence[float]) -> tuple[f
     return float(score.mean()), int(keep.sum())
 
 
+def pick_ranks(proxy: Sequence[float], truth: Sequence[float]) -> np.ndarray:
+    """The true rank of every mixture the proxy ranks first (several when the proxy ties).
+
+    A mixture's true rank is 1 + the number of mixtures with strictly lower seq
+    perplexity, so 1 means a truly best mixture (paper, appendix A.5).
+    """
+    x = np.asarray(proxy, dtype=float)
+    y = np.asarray(truth, dtype=float)
+    if x.shape != y.shape or not x.size:
+        raise ValueError("pick_ranks needs one proxy and one true value per mixture, at least one")
+    return np.array([1 + int(np.sum(y < y[k])) for k in np.flatnonzero(x == x.min())])
+
+
 def proxy_pick(mixtures: Sequence[str], proxy: Sequence[float],
-               truth: Sequence[float]) -> tuple[str, str, int]:
+               truth: Sequence[float]) -> tuple[str, str, float]:
     """The proxy's best mixture, the true best, and the true rank of the proxy's pick.
 
     Lower perplexity is better.  The proxy's pick is the mixture with the lowest
-    proxy perplexity; the true best has the lowest seq perplexity (ties in
-    either go to the mixture id that sorts first).  The true rank of the pick
-    is 1 + the number of mixtures with strictly lower seq perplexity, so 1
-    means the proxy picked a truly best mixture (paper, appendix A.5).
+    proxy perplexity; the true best has the lowest seq perplexity (for display,
+    ties in either go to the mixture id that sorts first).  The true rank of the
+    pick (see :func:`pick_ranks`) is the mean over the mixtures tied at the
+    proxy's minimum: a proxy that cannot choose between them gets their average,
+    whatever they are called.
     """
     names = list(mixtures)
     x = np.asarray(proxy, dtype=float)
@@ -553,8 +567,7 @@ def proxy_pick(mixtures: Sequence[str], proxy: Sequence[float],
         raise ValueError("proxy_pick needs one proxy and one true value per mixture, at least one")
     pick = min(range(len(names)), key=lambda k: (x[k], names[k]))
     best = min(range(len(names)), key=lambda k: (y[k], names[k]))
-    rank = 1 + int(np.sum(y < y[pick]))
-    return names[pick], names[best], rank
+    return names[pick], names[best], float(pick_ranks(x, y).mean())
 
 
 def _rank_stats(names: list[str], x: np.ndarray, y: np.ndarray, label: str) -> dict:
@@ -567,9 +580,15 @@ def _rank_stats(names: list[str], x: np.ndarray, y: np.ndarray, label: str) -> d
         return out
     acc, n_pairs = pairwise_accuracy(x, y)
     pick, best, rank = proxy_pick(names, x, y)
+    top1 = float(np.mean(pick_ranks(x, y) == 1))  # a tie at the top is right that share of the time
     out.update(n_pairs=n_pairs, pairwise_acc=acc, proxy_best=pick, true_best=best,
-               top1=1.0 if rank == 1 else 0.0, true_rank=float(rank), median_true_rank=float(rank))
+               top1=top1, true_rank=rank, median_true_rank=rank)
     return out
+
+
+def worst_if_not_finite(ppl: np.ndarray) -> np.ndarray:
+    """Perplexities with NaN and infinity as +inf: a model that diverged ranks last."""
+    return np.where(np.isfinite(ppl), ppl, np.inf)
 
 
 def _finite(values: Iterable[float]) -> list[float]:
@@ -608,17 +627,20 @@ def _summary_row(domain: str, proxy: str, sel: list[dict]) -> dict:
 def correlations(scores: pl.DataFrame) -> pl.DataFrame:
     """Every statistic of how well each proxy tracks the seq models, per domain and proxy.
 
-    For each (domain, proxy), over the mixtures with a finite ``seq_ppl`` and
-    ``proxy_ppl``:
+    For each (domain, proxy), over the mixtures with a finite ``seq_ppl`` (a
+    mixture whose seq model has no finite perplexity has no truth to compare with):
 
     - ``pearson_r``/``spearman_rho`` (with p-values) between raw seq and proxy
-      perplexities, as in the paper; NaN below 3 mixtures or for a constant input;
+      perplexities, as in the paper, over the ``n_mixtures`` whose proxy perplexity
+      is finite too; NaN below 3 mixtures or for a constant input;
     - ``pairwise_acc`` over ``n_pairs`` mixture pairs (see :func:`pairwise_accuracy`:
       pairs tied in seq ppl are left out, proxy-only ties count 0.5);
     - ``proxy_best`` (lowest proxy ppl), ``true_best`` (lowest seq ppl),
       ``top1`` (1.0 when the proxy's pick is a truly best mixture, else 0.0)
       and ``true_rank``/``median_true_rank`` (the pick's rank by seq ppl, 1 = best;
-      see :func:`proxy_pick`); NaN (empty ids) below 2 mixtures.
+      see :func:`proxy_pick`); NaN (empty ids) below 2 mixtures.  These decision
+      statistics keep a mixture whose proxy perplexity is not finite (a merged
+      model that diverged) and rank it last: that is the proxy's decision.
 
     Adds one ``ood-mean`` row per proxy (domain_kind ``"mean"``) averaging
     these over the OOD domains (see :func:`_summary_row`; ``median_true_rank``
@@ -634,14 +656,18 @@ def correlations(scores: pl.DataFrame) -> pl.DataFrame:
     for r in groups.iter_rows(named=True):
         x = np.asarray(r["proxy_ppl"], dtype=float)
         y = np.asarray(r["seq_ppl"], dtype=float)
-        ok = np.isfinite(x) & np.isfinite(y)
-        x, y = x[ok], y[ok]
-        names = [m for m, keep in zip(r["mixture"], ok) if keep]
+        has_truth = np.isfinite(y)
+        x, y = worst_if_not_finite(x[has_truth]), y[has_truth]
+        names = [m for m, keep in zip(r["mixture"], has_truth) if keep]
         label = f"domain {r['domain']} proxy {r['proxy']}"
-        pr, pp, sr, sp = _corr(x, y, label)
+        finite = np.isfinite(x)
+        if not finite.all():
+            log.warning("%s: %d mixture(s) with a non-finite proxy perplexity, ranked last and left out of r",
+                        label, int((~finite).sum()))
+        pr, pp, sr, sp = _corr(x[finite], y[finite], label)
         rows.append({
             "domain": r["domain"], "domain_kind": r["domain_kind"], "proxy": r["proxy"],
-            "n_mixtures": int(len(x)), "pearson_r": pr, "pearson_p": pp,
+            "n_mixtures": int(finite.sum()), "pearson_r": pr, "pearson_p": pp,
             "spearman_rho": sr, "spearman_p": sp, **_rank_stats(names, x, y, label),
         })
     ood_rows = [r for r in rows if r["domain_kind"] == "ood"]

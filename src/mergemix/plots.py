@@ -301,7 +301,7 @@ def rank_grid(scores: pl.DataFrame) -> Figure:
     proxy's pick (see :func:`mergemix.analyze.proxy_pick`) is drawn as a star
     and its true rank given in the panel title.
     """
-    from mergemix.analyze import proxy_pick
+    from mergemix.analyze import proxy_pick, worst_if_not_finite
 
     proxies = sorted(set(scores["proxy"].to_list()), key=proxy_sort_key)
     domains = sorted(set(scores["domain"].to_list()), key=domain_sort_key)
@@ -316,9 +316,9 @@ def rank_grid(scores: pl.DataFrame) -> Figure:
                 part = scores.filter((pl.col("proxy") == p) & (pl.col("domain") == d)).sort("mixture")
                 x = part["proxy_ppl"].to_numpy().astype(float)
                 y = part["seq_ppl"].to_numpy().astype(float)
-                ok = np.isfinite(x) & np.isfinite(y)
+                ok = np.isfinite(y)  # as in the statistics: a failed proxy ranks last
                 names = [m for m, keep in zip(part["mixture"].to_list(), ok) if keep]
-                x, y = x[ok], y[ok]
+                x, y = worst_if_not_finite(x[ok]), y[ok]
                 title = domain_label(d) if i == 0 else ""
                 if len(names) >= 1:
                     rx, ry = stats.rankdata(x), stats.rankdata(y)
@@ -328,7 +328,7 @@ def rank_grid(scores: pl.DataFrame) -> Figure:
                     pick, _, true_rank = proxy_pick(names, x, y)
                     k = names.index(pick)
                     ax.scatter([rx[k]], [ry[k]], s=60, marker="*", color="C3", zorder=3)
-                    title = f"{title}\npick's true rank {true_rank} of {n}".strip()
+                    title = f"{title}\npick's true rank {true_rank:g} of {n}".strip()
                     ax.set_xlim(0.5, n + 0.5)
                     ax.set_ylim(0.5, n + 0.5)
                 else:

@@ -121,7 +121,8 @@ def segments(text: str, max_chars: int) -> list[str]:
 
 
 def split_documents(n_docs: int, heldout_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded document-level split; both sides non-empty unless the fraction is 0 or 1."""
+    """Seeded document-level split (train, held out): given two documents or more, each side
+    gets at least one, whatever the fraction; a fraction of 1 holds every document out."""
     order = list(range(n_docs))
     random.Random(seed).shuffle(order)
     if heldout_fraction >= 1.0:

@@ -424,11 +424,11 @@ def train(
         model=model, optimizer=optimizer, config=deepspeed_config(phase.batch_size, tcfg, world)
     )
     carried = 0
-    if resume is not None:
+    if init is not None and (init / OPTIMIZER_FILE).is_file():
+        carried = load_optimizer_state(engine.module, optimizer, init / OPTIMIZER_FILE)
+    if resume is not None:  # replaces the seed's moments with the resume state's
         restore_full_weights(engine.module, resumed)
         load_optimizer_state(engine.module, optimizer, resume / OPTIMIZER_FILE)
-    elif init is not None and (init / OPTIMIZER_FILE).is_file():
-        carried = load_optimizer_state(engine.module, optimizer, init / OPTIMIZER_FILE)
     rank0 = engine.global_rank == 0
     micro = phase.batch_size // world
     mine = slice(engine.global_rank * micro, (engine.global_rank + 1) * micro)  # this rank's share of a batch
