@@ -17,6 +17,8 @@ from snakemake_interface_executor_plugins.settings import DeploymentMethod
 from mergemix import config as mmconfig
 
 try:
+    for configfile_path in workflow.configfiles:
+        mmconfig.check_unique_keys(configfile_path)
     mmconfig.validate(config)
 except mmconfig.ConfigError as exc:
     raise WorkflowError(f"config error: {exc}")

@@ -82,6 +82,19 @@ def _duplicate_partition(c):
     c["sources"]["again"]["partitions"] = {"1990s": 1}
 
 
+def _too_many_mixtures(c):
+    c["sources"]["sotu"]["partitions"] = {f"d{i}": 1 for i in range(60)}  # C(60, 5) = 5,461,512
+    c["mixtures"].update(k=5, sample=None)
+
+
+def _all_of(*edits):
+    def edit(c):
+        for e in edits:
+            e(c)
+
+    return edit
+
+
 CONFIG_CASES = {
     "unknown top-level key": (_set("modle", {"hidden_size": 64}), "modle"),
     "mistyped nested key": (_set("train.continued.lrr", 0.001), "train.continued.lrr"),
@@ -99,6 +112,16 @@ CONFIG_CASES = {
     "unit smaller than one batch": (_set("train.unit_tokens", 100), "train.unit_tokens"),
     "bf16 without ZeRO": (_set("train.precision", "bf16"), "train.zero_stage"),
     "no out-of-domain set": (_set("eval.ood", {}), "eval.ood"),
+    "whole number written as a float": (_set("mixtures.k", 2.0), "mixtures.k"),
+    "token count in float notation": (_set("train.unit_tokens", 1.0e5), "train.unit_tokens"),
+    "unquoted numeric partition name": (_set("sources.sotu.partitions", {1850: 1}), "quote"),
+    "several partitions, nothing to partition on": (_set("sources.sotu.partition_by", []), "sources.sotu.partition_by"),
+    "included mixture of another size than k": (_set("mixtures.include", [["1850s"]]), "mixtures.include[0]"),
+    "warm-up as long as a unit": (_set("train.continued.warmup_steps", 48), "train.continued.warmup_steps"),
+    "seed imported from the workflow's own output": (_set("seed.pretrained", "work/models/seed"), "seed.pretrained"),
+    "tokenizer imported from the workflow's own output": (
+        _all_of(_set("tokenizer.name", "./work/tokenizer"), _set("model.vocab_size", 4096)), "tokenizer.name"),
+    "too many candidate mixtures to list": (_too_many_mixtures, "mixtures.k"),
 }
 
 
@@ -112,6 +135,17 @@ def test_config_error_names_the_key_before_anything_runs(case, tmp_path):
     line = error_line(done, "config error:")
     assert culprit in line, line
     assert files_under(tmp_path) == {"config.yaml"}, "a config error must not create outputs"
+
+
+def test_a_key_given_twice_in_the_config_file_is_refused(tmp_path):
+    """PyYAML keeps the last of two equal keys: a copied partition line would silently win."""
+    text = (REPO / "config.yaml").read_text()
+    assert "      1850s: 1\n" in text
+    (tmp_path / "config.yaml").write_text(text.replace("      1850s: 1\n", "      1850s: 1\n      1850s: 3\n", 1))
+    done = run("-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path), "-n", "--cores", "1")
+    line = error_line(done, "config error:")
+    assert "'1850s' is given twice" in line and "line " in line, line
+    assert files_under(tmp_path) == {"config.yaml"}
 
 
 # --- corpus: python -m mergemix.corpus partition ----------------------------------------

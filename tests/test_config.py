@@ -99,6 +99,21 @@ def study(n_partitions: int, k: int = 2, per_job: int = 5, **mixtures) -> dict:
     return cfg
 
 
+def test_a_sample_of_more_candidates_than_can_be_listed():
+    # C(128, 5) = 264,566,400 candidates: drawn one by one, never listed
+    cfg = study(128, k=5, sample=50)
+    mc.validate(cfg)
+    drawn = mc.mixtures(cfg)
+    assert len(drawn) == len(set(drawn)) == 50
+    assert all(len(mc.mixture_members(m)) == 5 for m in drawn)
+    assert drawn == mc.mixtures(copy.deepcopy(cfg))  # seeded
+    cfg["mixtures"]["fixed"] = ["p00"]  # with a fixed partition: it and 4 others
+    assert all("p00" in mc.mixture_members(m) for m in mc.mixtures(cfg))
+    cfg["mixtures"].update(fixed=[], sample=None)
+    with pytest.raises(mc.ConfigError, match="264,566,400 candidate mixtures"):
+        mc.validate(cfg)
+
+
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_batches_cover_every_mixture_once_and_are_bounded(k):
     cfg = study(9, k=k, per_job=4)

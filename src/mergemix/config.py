@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import os
 import random
 from dataclasses import dataclass
 from importlib import resources
@@ -24,6 +25,21 @@ MIXTURE_SEP = "+"
 IN_DOMAIN = "in-domain"  # union of a mixture's held-out sets
 OOD_MEAN = "ood-mean"  # summary row of correlations.csv: mean r over OOD domains
 RESERVED_DOMAINS = (IN_DOMAIN, OOD_MEAN)
+# Candidate mixtures listed before sampling; beyond this, a sample is drawn without the list.
+MAX_LISTED_MIXTURES = 2_000_000
+# The folder the workflow writes (and clears before rewriting a job's outputs).
+WORK_DIR = "work"
+
+
+def _is_integer(checker: Any, instance: Any) -> bool:
+    # JSON Schema counts 2.0 as an integer; the jobs would get "2.0" on their command line.
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+_Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer),
+)
 
 
 class ConfigError(ValueError):
@@ -52,8 +68,13 @@ def _describe(error: jsonschema.ValidationError) -> str:
         missing = error.message.split("'")[1] if "'" in error.message else error.message
         key = missing if where == "<top level>" else f"{where}.{missing}"
         return f"missing key '{key}' in config: add it (see the commented config.yaml)"
+    if "propertyNames" in error.schema_path and not isinstance(error.instance, str):
+        return f"invalid name {error.instance!r} under '{where}': YAML read it as a number; quote it ('{error.instance}')"
     if error.validator == "propertyNames":
         return f"invalid name {error.instance!r} under '{where}': names must match [A-Za-z0-9_.-]+ and not be 'seed' or 'ood'"
+    if error.validator == "type" and isinstance(error.instance, float) and "integer" in str(error.validator_value):
+        return (f"invalid value for '{where}': {error.instance!r} is not a whole number; write it without a "
+                "decimal point or exponent (YAML reads 1.0e+5 as a float)")
     if error.validator == "oneOf" and where.endswith("load"):
         return f"'{where}' must have exactly one of 'demo', 'path' or 'seed_heldout' (got {error.instance!r})"
     return f"invalid value for '{where}': {error.message}"
@@ -62,7 +83,7 @@ def _describe(error: jsonschema.ValidationError) -> str:
 def validate(config: dict[str, Any]) -> None:
     """Raise ConfigError for the first schema or semantic problem in `config`."""
     spec = schema()
-    validator = jsonschema.Draft202012Validator(spec)
+    validator = _Validator(spec)
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(list(e.absolute_path)), str(e.absolute_path)))
     if errors:
         # Report the shallowest error: a typo'd key explains the deeper ones it causes.
@@ -87,6 +108,12 @@ def _check_semantics(config: dict[str, Any], merge_methods: list[str]) -> None:
         if name in RESERVED_DOMAINS:
             raise ConfigError(f"'{name}' is reserved for a derived row of the analysis: rename that partition or eval.ood set")
     for source, spec in config["sources"].items():
+        if not spec["partition_by"] and len(spec["partitions"]) > 1:
+            raise ConfigError(
+                f"sources.{source}.partition_by is empty, so the whole source is one partition, but "
+                f"sources.{source}.partitions lists {len(spec['partitions'])} ({', '.join(spec['partitions'])}): "
+                "name the metadata columns to partition on, or list one partition"
+            )
         if "seed_heldout" in spec["load"]:
             raise ConfigError(f"sources.{source}.load: seed_heldout is only valid for eval.ood sets")
     if "seed_heldout" in config["seed"]["load"]:
@@ -100,6 +127,11 @@ def _check_semantics(config: dict[str, Any], merge_methods: list[str]) -> None:
                 )
         if len(set(mixture)) != len(mixture):
             raise ConfigError(f"mixtures.include[{i}] repeats a partition: {mixture}")
+        if len(mixture) != config["mixtures"]["k"]:
+            raise ConfigError(
+                f"mixtures.include[{i}] has {len(mixture)} partition(s) but mixtures.k is {config['mixtures']['k']}: "
+                "every mixture of a study has k partitions, so that seq models and proxies compare like with like"
+            )
     decontaminate = config["decontaminate"]
     if decontaminate["enabled"]:
         if not decontaminate["against"]:
@@ -114,6 +146,14 @@ def _check_semantics(config: dict[str, Any], merge_methods: list[str]) -> None:
     if k > len(owner):
         raise ConfigError(f"mixtures.k is {k} but only {len(owner)} partitions are configured: lower mixtures.k")
     _check_fixed(config, owner)
+    free = k - len(fixed_partitions(config))
+    candidates = math.comb(len(owner) - len(fixed_partitions(config)), free)
+    sample = config["mixtures"]["sample"]
+    if candidates > MAX_LISTED_MIXTURES and (sample is None or sample > MAX_LISTED_MIXTURES):
+        raise ConfigError(
+            f"mixtures.k {k} over {len(owner)} partitions gives {candidates:,} candidate mixtures, more than a "
+            f"study can score ({MAX_LISTED_MIXTURES:,}): set mixtures.sample to at most that, or lower mixtures.k"
+        )
     for partition in config["merge"].get("weights", {}):
         if partition not in owner:
             raise ConfigError(
@@ -127,9 +167,11 @@ def _check_semantics(config: dict[str, Any], merge_methods: list[str]) -> None:
                 f"analysis.{key} is '{proxy}', a merge method that merge.methods ({', '.join(config['merge']['methods'])}) "
                 "does not score: add it there or choose one of those, mean_ind or ind_id"
             )
+    _check_not_own_output(config)
     _check_model(config["model"], "model")
     _check_phases(config["train"], "train")
     _check_engine(config)
+    _check_warmup(config)
     transfer = config.get("transfer")
     if transfer:
         _check_model(transfer["model"], "transfer.model")
@@ -161,6 +203,21 @@ def _check_fixed(config: dict[str, Any], owner: dict[str, str]) -> None:
             )
 
 
+def _check_not_own_output(config: dict[str, Any]) -> None:
+    """A model or tokenizer to import must not lie in work/: the job that imports it would
+    first have Snakemake delete its own outputs there, the very files it reads."""
+    work = os.path.realpath(WORK_DIR)
+    transfer = config.get("transfer") or {}
+    for key, value in (("seed.pretrained", config["seed"].get("pretrained")),
+                       ("tokenizer.name", config["tokenizer"].get("name")),
+                       ("transfer.pretrained", transfer.get("pretrained"))):
+        if value and os.path.commonpath([work, os.path.realpath(value)]) == work:
+            raise ConfigError(
+                f"{key} '{value}' is inside {WORK_DIR}/, which the workflow writes and clears before rewriting: "
+                f"copy it out first (e.g. cp -r {value} imported/) and name the copy"
+            )
+
+
 def _check_model(model: dict[str, Any], key: str) -> None:
     if model["hidden_size"] % model["num_heads"]:
         raise ConfigError(
@@ -173,6 +230,34 @@ def _check_phases(section: dict[str, Any], key: str) -> None:
         lr, min_lr = section[phase]["lr"], section[phase]["min_lr"]
         if min_lr > lr:
             raise ConfigError(f"{key}.{phase}.min_lr ({min_lr}) is larger than {key}.{phase}.lr ({lr})")
+
+
+def _check_warmup(config: dict[str, Any]) -> None:
+    """A warm-up as long as its phase never reaches the learning rate: refused.
+
+    Continued pretraining is checked against one unit, its shortest run (ind and seq
+    models of several units take more steps with the same warm-up).
+    """
+    train, transfer = config["train"], config.get("transfer")
+    # (phase key, phase, its tokens, their key, context length) of every phase trained here
+    phases = []
+    if not config["seed"].get("pretrained"):  # an imported seed brings a context length unknown here
+        context = config["model"]["context_length"]
+        phases += [("train.continued", train["continued"], train["unit_tokens"], "train.unit_tokens", context),
+                   ("train.seed_phase", train["seed_phase"], train["seed_phase"]["tokens"], "train.seed_phase.tokens", context)]
+    if transfer and not transfer["pretrained"]:
+        context = {**config["model"], **transfer["model"]}["context_length"]
+        phases += [("transfer.continued", transfer["continued"], train["unit_tokens"], "train.unit_tokens", context),
+                   ("transfer.seed_phase", transfer["seed_phase"], transfer["seed_phase"]["tokens"],
+                    "transfer.seed_phase.tokens", context)]
+    for key, phase, tokens, tokens_key, context in phases:
+        steps = ((tokens - 1) // context) // phase["batch_size"]  # as train.windows cuts them
+        if steps and phase["warmup_steps"] >= steps:
+            raise ConfigError(
+                f"{key}.warmup_steps ({phase['warmup_steps']}) is not shorter than the phase: {tokens_key} gives "
+                f"{steps} steps of {key}.batch_size x model.context_length, so the learning rate would never "
+                f"reach {key}.lr; lower the warm-up or raise the tokens"
+            )
 
 
 def _check_engine(config: dict[str, Any]) -> None:
@@ -233,8 +318,36 @@ def ranks(config: dict[str, Any], kind: str) -> int:
     return group["gpu"] if group["gpu"] > 0 else group.get("processes", 1)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(
+                    f"{key_node.start_mark.name} line {key_node.start_mark.line + 1}: key {key!r} is given twice "
+                    "in the same mapping, and only the last would count: keep one"
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def check_unique_keys(path: str) -> None:
+    """Refuse a config file that gives a key twice in one mapping (a copied partition line)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            yaml.load(fh, Loader=_UniqueKeyLoader)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except yaml.YAMLError:
+        return  # Snakemake itself has read the file; a syntax error would have stopped it there
+
+
 def load(path: str) -> dict[str, Any]:
     """Read and validate a config file."""
+    check_unique_keys(path)
     try:
         with open(path, encoding="utf-8") as fh:
             config = yaml.safe_load(fh)
@@ -293,9 +406,19 @@ def mixtures(config: dict[str, Any]) -> list[str]:
     spec = config["mixtures"]
     fixed = fixed_partitions(config)
     names = sorted(p for p in partitions(config) if p not in fixed)
-    subsets = [mixture_id([*fixed, *c]) for c in itertools.combinations(names, spec["k"] - len(fixed))]
-    if spec["sample"] is not None and spec["sample"] < len(subsets):
-        subsets = sorted(random.Random(config["random_seed"]).sample(subsets, spec["sample"]))
+    free = spec["k"] - len(fixed)
+    rng = random.Random(config["random_seed"])
+    if math.comb(len(names), free) > MAX_LISTED_MIXTURES:
+        # Too many to list (validate made sure a sample is asked for): draw k-subsets
+        # until the sample is complete, instead of sampling from a list of them all.
+        picked: set[str] = set()
+        while len(picked) < spec["sample"]:
+            picked.add(mixture_id([*fixed, *rng.sample(names, free)]))
+        subsets = sorted(picked)
+    else:
+        subsets = [mixture_id([*fixed, *c]) for c in itertools.combinations(names, free)]
+        if spec["sample"] is not None and spec["sample"] < len(subsets):
+            subsets = sorted(rng.sample(subsets, spec["sample"]))
     chosen = dict.fromkeys(subsets)
     for members in spec["include"]:
         chosen[mixture_id(members)] = None
