@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import os
+import shutil
 import subprocess
 import sys
 
@@ -301,6 +301,17 @@ def test_jobs_use_the_workflows_python_whatever_the_path(run, tmp_path):
     done = snakemake(study, "results/perplexity.csv", env=env)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert (study / "results/perplexity.csv").read_bytes() == before
+
+
+def test_outputs_have_the_permissions_of_the_umask(run):
+    """A group sharing a study can read every output: none is left private (0600) by a
+    temporary file it was written through."""
+    umask = os.umask(0)
+    os.umask(umask)
+    files = [p for d in ("work", "results") for p in (run / d).rglob("*") if p.is_file()]
+    assert any(p.name == "model.safetensors" for p in files) and any(p.suffix == ".parquet" for p in files)
+    private = sorted(str(p.relative_to(run)) for p in files if p.stat().st_mode & 0o777 != 0o666 & ~umask)
+    assert not private, f"{len(private)} outputs without the umask's permissions, e.g. {private[:5]}"
 
 
 def test_rerun_plans_nothing(run):

@@ -56,7 +56,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mergemix.io import run_command
+from mergemix.io import run_command, usual_mode
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,7 @@ class _Outputs:
             if path.is_file() and filecmp.cmp(tmp, path, shallow=False):
                 log.info("%s is unchanged; leaving it as is", path)
                 return False
+            usual_mode(tmp)
             os.replace(tmp, path)
             replaced = True
             self.written.append(path)

@@ -70,6 +70,14 @@ def clear_stale(target: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+def usual_mode(path: str | Path) -> None:
+    """Give a file the permissions the umask gives a new file (mkstemp, and safetensors'
+    own temporary files, make it private: 0600), so a shared group can read the outputs."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_bytes(path: str | Path, data: bytes, only_if_changed: bool = True) -> bool:
     """Atomically write `data` to `path`; return False when the file already held it."""
     path = Path(path)
@@ -83,10 +91,7 @@ def write_bytes(path: str | Path, data: bytes, only_if_changed: bool = True) -> 
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        # mkstemp makes the file private (0600); give it the usual umask permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        usual_mode(tmp)
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -144,6 +149,7 @@ def save_tensors(tensors: dict, path: str | Path, metadata: dict[str, str] | Non
 
     try:
         save_file(tensors, path, metadata=metadata)
+        usual_mode(path)
     except SafetensorError as exc:
         found = re.search(r"os error (\d+)", str(exc))
         if found is None:
