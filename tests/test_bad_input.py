@@ -208,9 +208,15 @@ def corpus_blank_only_partition(tmp):
     return _spec([_jsonl(tmp / "d.jsonl", rows)], partitions=["a", "blank"]), "blank"
 
 
+def corpus_empty_file(tmp):
+    good = _jsonl(tmp / "good.jsonl", ROWS)
+    (tmp / "empty.jsonl").write_bytes(b"")
+    return _spec([good, tmp / "empty.jsonl"]), "empty.jsonl"
+
+
 CORPUS_CASES = [corpus_missing_file, corpus_corrupt_parquet, corpus_non_utf8, corpus_missing_text_column,
                 corpus_missing_metadata_column, corpus_text_not_string, corpus_empty_partition,
-                corpus_duplicate_partition, corpus_blank_only_partition]
+                corpus_duplicate_partition, corpus_blank_only_partition, corpus_empty_file]
 
 
 @pytest.mark.parametrize("case", CORPUS_CASES, ids=lambda f: f.__name__.removeprefix("corpus_"))
@@ -342,6 +348,12 @@ def ckpt_bad_sidecar(tmp, cfg):
     return str(tmp / "b" / mm.SIDECAR)
 
 
+def ckpt_sidecar_not_a_mapping(tmp, cfg):
+    make_checkpoint(tmp / "b", cfg, 2)
+    (tmp / "b" / mm.SIDECAR).write_text('["unit"]')
+    return str(tmp / "b" / mm.SIDECAR)
+
+
 def ckpt_no_weights(tmp, cfg):
     make_checkpoint(tmp / "b", cfg, 2)
     (tmp / "b" / mm.WEIGHTS).unlink()
@@ -362,7 +374,7 @@ def ckpt_bad_config(tmp, cfg):
 
 CHECKPOINT_CASES = [ckpt_other_seed, ckpt_other_architecture, ckpt_other_shape, ckpt_missing_tensor,
                     ckpt_corrupt_bytes, ckpt_truncated, ckpt_no_sidecar, ckpt_bad_sidecar, ckpt_no_weights,
-                    ckpt_no_config, ckpt_bad_config]
+                    ckpt_no_config, ckpt_bad_config, ckpt_sidecar_not_a_mapping]
 
 
 @pytest.mark.parametrize("case", CHECKPOINT_CASES, ids=lambda f: f.__name__.removeprefix("ckpt_"))
@@ -388,6 +400,34 @@ def test_evaluate_refuses_a_damaged_checkpoint(case, tmp_path, tiny_model_config
     line = error_line(done)
     assert culprit in line, line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("sidecar", ["{", "[]", "{}"], ids=["not JSON", "a list", "no keys"])
+def test_evaluate_refuses_a_damaged_shard_sidecar(sidecar, tmp_path, tiny_model_config, shard):
+    make_checkpoint(tmp_path / "a", tiny_model_config, 1)
+    copy = tmp_path / "shard" / Path(shard).name
+    copy.parent.mkdir()
+    for suffix in (".bin", ".idx"):
+        shutil.copy(Path(shard).with_suffix(suffix), copy.with_suffix(suffix))
+    copy.with_suffix(".json").write_text(sidecar)
+    out = tmp_path / "rows.csv"
+    done = run("-m", "mergemix.evaluate", "--model", str(tmp_path / "a"), "--domain", f"docs:ood:1000:{copy}",
+               "--out", str(out), "--model-kind", "unit", "--model-id", "a")
+    assert str(copy.with_suffix(".json")) in error_line(done)
+    assert not out.exists()
+
+
+def test_neither_merge_nor_evaluate_writes_over_the_checkpoint_it_reads(tmp_path, tiny_model_config, shard):
+    make_checkpoint(tmp_path / "a", tiny_model_config, 1)
+    make_checkpoint(tmp_path / "b", tiny_model_config, 2)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+    done = run("-m", "mergemix.merge", "--method", "micro", "--model", f"p={tmp_path / 'a'}",
+               "--model", f"q={tmp_path / 'b'}", "--out", str(tmp_path / "x" / ".." / "a"))
+    assert "is the input checkpoint" in error_line(done)
+    done = run("-m", "mergemix.evaluate", "--model", str(tmp_path / "a"), "--domain", f"docs:ood:1000:{shard}",
+               "--out", str(tmp_path / "a" / mm.WEIGHTS), "--model-kind", "unit", "--model-id", "a")
+    assert "inside the checkpoint" in error_line(done)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before
 
 
 # --- a full disk ------------------------------------------------------------------------

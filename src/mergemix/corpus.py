@@ -911,6 +911,8 @@ def _load_table(ps: _PartitionSpec) -> pa.Table:
     """
     files = _local_files(ps)
     for path in files:
+        if path.stat().st_size == 0:  # datasets' loaders fail on one without saying which
+            raise CorpusError(f"data file {path} of source '{ps.source}' is empty; fill it or drop it from 'data_files'")
         if path.name.endswith(_JSON_SUFFIXES) or ps.path == "json":
             _check_utf8(path, ps.source)
 

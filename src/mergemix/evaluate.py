@@ -16,6 +16,7 @@ import csv
 import io as stdio
 import logging
 import math
+import os
 import sys
 import zlib
 from dataclasses import dataclass
@@ -223,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
         domains = [Domain.parse(d) for d in args.domain]
         if not domains:
             raise EvalError("no --domain given")
+        if args.max_docs < 1 or args.batch_size < 1:
+            raise EvalError(f"--max-docs {args.max_docs} and --batch-size {args.batch_size} must both be at least 1")
+        model_dir = os.path.realpath(args.model)
+        if os.path.commonpath([model_dir, os.path.realpath(args.out)]) == model_dir:
+            raise EvalError(f"--out {args.out} is inside the checkpoint {args.model} it scores: write the rows elsewhere")
         mm.check_gpus_usable()
         model = mm.load(args.model).eval()
         if torch.cuda.is_available():

@@ -254,6 +254,10 @@ def merge(method: str, groups: dict[str, list[Path]], out: Path, tokens: dict[st
 
     by_name = {str(p): p for members in groups.values() for p in members}
     paths = list(by_name.values())
+    overwritten = [p for p in paths if os.path.realpath(p) == os.path.realpath(out)]
+    if overwritten:
+        raise MergeError(f"--out {out} is the input checkpoint {overwritten[0]}: a merge never replaces its inputs; "
+                         "write it to another folder")
     require_weights(paths)
     info = check_compatible(paths, verify=False)  # headers only: a mismatch is refused before any data is read
     weights = merge_weights(method, {p: [str(m) for m in ms] for p, ms in groups.items()}, tokens)
@@ -300,8 +304,11 @@ def token_count(value: str) -> int:
     path = Path(value)
     if not path.is_file():
         raise MergeError(f"--tokens {value}: not an integer and no such shard sidecar file")
-    meta = io.read_json(path)
-    if not isinstance(meta.get("n_tokens"), int):
+    try:
+        meta = io.read_json(path)
+    except ValueError as exc:
+        raise MergeError(f"--tokens {value}: not valid JSON ({exc}); give a token shard's .json or a number") from exc
+    if not isinstance(meta, dict) or not isinstance(meta.get("n_tokens"), int):
         raise MergeError(f"--tokens {value}: the sidecar has no integer n_tokens; give a token shard's .json or a number")
     return meta["n_tokens"]
 

@@ -98,9 +98,12 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
     if not file.is_file():
         raise CheckpointError(f"checkpoint {path} has no {SIDECAR}: it was not written by mergemix")
     try:
-        return io.read_json(file)
+        sidecar = io.read_json(file)
     except ValueError as exc:
         raise CheckpointError(f"{file} is not valid JSON ({exc}): delete {path} and rerun") from exc
+    if not isinstance(sidecar, dict):
+        raise CheckpointError(f"{file} holds a {type(sidecar).__name__}, not a mergemix sidecar: delete {path} and rerun")
+    return sidecar
 
 
 def read_config(path: str | Path) -> dict[str, Any]:

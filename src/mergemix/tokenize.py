@@ -206,7 +206,14 @@ def make_shards(
 def open_tokens(prefix: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
     """Memory-map a shard: (tokens, index rows of (start, bytes), sidecar)."""
     prefix = Path(prefix)
-    meta = io.read_json(prefix.with_suffix(".json"))
+    sidecar = prefix.with_suffix(".json")
+    try:
+        meta = io.read_json(sidecar)
+    except ValueError as exc:
+        raise TokenizeError(f"{sidecar} is not valid JSON ({exc}): delete the shard {prefix}.* and rerun") from exc
+    if not isinstance(meta, dict) or not {"dtype", "n_tokens", "tokenizer_sha256"} <= set(meta):
+        raise TokenizeError(f"{sidecar} is not a token shard sidecar (it lacks dtype, n_tokens or tokenizer_sha256): "
+                            f"delete the shard {prefix}.* and rerun")
     dtype = np.dtype(meta["dtype"])
     path = prefix.with_suffix(".bin")
     # numpy cannot map an empty file; a shard of empty documents is read as no tokens
