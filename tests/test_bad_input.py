@@ -417,6 +417,21 @@ def test_evaluate_refuses_a_damaged_shard_sidecar(sidecar, tmp_path, tiny_model_
     assert not out.exists()
 
 
+def test_evaluate_refuses_a_shard_index_cut_short(tmp_path, tiny_model_config, shard):
+    make_checkpoint(tmp_path / "a", tiny_model_config, 1)
+    copy = tmp_path / "shard" / Path(shard).name
+    copy.parent.mkdir()
+    for suffix in (".bin", ".idx", ".json"):
+        shutil.copy(Path(shard).with_suffix(suffix), copy.with_suffix(suffix))
+    idx = copy.with_suffix(".idx")
+    idx.write_bytes(idx.read_bytes()[:-16])  # the last document's row is gone
+    out = tmp_path / "rows.csv"
+    done = run("-m", "mergemix.evaluate", "--model", str(tmp_path / "a"), "--domain", f"docs:ood:1000:{copy}",
+               "--out", str(out), "--model-kind", "unit", "--model-id", "a")
+    assert str(idx) in error_line(done)
+    assert not out.exists()
+
+
 def test_neither_merge_nor_evaluate_writes_over_the_checkpoint_it_reads(tmp_path, tiny_model_config, shard):
     make_checkpoint(tmp_path / "a", tiny_model_config, 1)
     make_checkpoint(tmp_path / "b", tiny_model_config, 2)

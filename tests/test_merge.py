@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 import pytest
 
 from mergemix import model as mm
-from mergemix.merge import MergeError, merge, merge_weights
+from mergemix.merge import MergeError, check_shares, merge, merge_weights, partition_shares
 from tests.conftest import make_checkpoint
 
 
@@ -132,6 +132,17 @@ def test_a_checkpoint_given_twice_or_weights_adding_to_zero_are_refused():
         merge_weights("micro", {"a": ["x", "x"], "b": ["y"]})
     with pytest.raises(MergeError, match="add up to 0"):
         merge_weights("weighted", {"a": ["x"], "b": ["y"]}, {"a": 0, "b": 0})
+
+
+def test_token_counts_and_weights_are_for_weighted_merges_of_their_partitions():
+    with pytest.raises(MergeError, match="--weight gives partition 'a' twice"):
+        partition_shares([], ["a=1", "b=2", "a=3"])
+    with pytest.raises(MergeError, match="--tokens gives partition 'a' twice"):
+        partition_shares(["a=10", "a=20"], [])
+    with pytest.raises(MergeError, match="--method weighted only, not micro"):
+        check_shares("micro", partition_shares([], ["a=1"]))
+    check_shares("weighted", partition_shares(["a=1", "b=1"], []))
+    check_shares("micro", partition_shares([], []))
 
 
 def test_perplexity_of_a_hopeless_model_is_inf_not_an_overflow():

@@ -59,6 +59,7 @@ from mergemix.merge import (
     METHODS,
     MergeError,
     check_compatible,
+    check_shares,
     merge_weights,
     parse_pairs,
     partition_shares,
@@ -114,7 +115,10 @@ def pick_device(name: str) -> torch.device:
     """`auto` is the GPU when there is one (as `evaluate` does), else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise EngineError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EngineError(f"--device {name}: no CUDA device is available")
     return device
@@ -249,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         for partition, path in parse_pairs(args.model, "--model"):
             models.setdefault(partition, []).append(Path(path))
         tokens = partition_shares(args.tokens, args.weight)
+        check_shares(args.method, tokens)
         domains = [Domain.parse(d) for d in args.domain]
         jobs = plan_batch(args.mixture, models, domains)
         rows, timings = run(args.method, jobs, tokens, args.max_docs, args.batch_size, args.seed, pick_device(args.device))

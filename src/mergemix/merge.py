@@ -333,9 +333,20 @@ def partition_shares(tokens: list[str], weights: list[str]) -> dict[str, float]:
     """
     if tokens and weights:
         raise MergeError("give either --tokens or --weight for a weighted merge, not both")
+    flag, pairs = ("--weight", parse_pairs(weights, "--weight")) if weights else ("--tokens", parse_pairs(tokens, "--tokens"))
+    names = [p for p, _ in pairs]
+    twice = next((p for p in names if names.count(p) > 1), None)
+    if twice is not None:
+        raise MergeError(f"{flag} gives partition '{twice}' twice: give each partition once")
     if weights:
-        return {p: positive_weight(w) for p, w in parse_pairs(weights, "--weight")}
-    return {p: token_count(n) for p, n in parse_pairs(tokens, "--tokens")}
+        return {p: positive_weight(w) for p, w in pairs}
+    return {p: token_count(n) for p, n in pairs}
+
+
+def check_shares(method: str, shares: dict[str, float]) -> None:
+    """--tokens and --weight are for weighted merges (those of partitions not merged are unused)."""
+    if shares and method != "weighted":
+        raise MergeError(f"--tokens and --weight apply to --method weighted only, not {method}: drop them")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -353,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         for partition, path in parse_pairs(args.model, "--model"):
             groups.setdefault(partition, []).append(Path(path))
         tokens = partition_shares(args.tokens, args.weight)
+        check_shares(args.method, tokens)
         sidecar = merge(args.method, groups, args.out, tokens)
         log.info("merged %d checkpoints (%s) into %s", len(sidecar["weights"]), args.method, args.out)
 

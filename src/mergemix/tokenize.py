@@ -220,8 +220,12 @@ def open_tokens(prefix: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
     tokens = np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
     if tokens.size != meta["n_tokens"]:
         raise TokenizeError(f"{prefix.with_suffix('.bin')} holds {tokens.size} tokens but its sidecar says {meta['n_tokens']}: delete it and rerun")
-    index = np.fromfile(prefix.with_suffix(".idx"), dtype=np.int64).reshape(-1, 2)
-    return tokens, index, meta
+    idx = prefix.with_suffix(".idx")
+    index = np.fromfile(idx, dtype=np.int64)
+    if index.size % 2 or ("n_docs" in meta and index.size // 2 != meta["n_docs"]):
+        raise TokenizeError(f"{idx} holds {index.size / 2:g} document rows but its sidecar says {meta.get('n_docs')}: "
+                            "delete the shard and rerun")
+    return tokens, index.reshape(-1, 2), meta
 
 
 def unit_ranges(n_tokens: int, unit_tokens: int, unit: int) -> list[tuple[int, int]]:
