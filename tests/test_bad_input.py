@@ -122,6 +122,7 @@ CONFIG_CASES = {
     "tokenizer imported from the workflow's own output": (
         _all_of(_set("tokenizer.name", "./work/tokenizer"), _set("model.vocab_size", 4096)), "tokenizer.name"),
     "too many candidate mixtures to list": (_too_many_mixtures, "mixtures.k"),
+    "empty seed name": (_set("seed.pretrained", ""), "seed.pretrained"),
 }
 
 
@@ -214,7 +215,13 @@ def corpus_empty_file(tmp):
     return _spec([good, tmp / "empty.jsonl"]), "empty.jsonl"
 
 
-CORPUS_CASES = [corpus_missing_file, corpus_corrupt_parquet, corpus_non_utf8, corpus_missing_text_column,
+def corpus_folder_as_file(tmp):
+    (tmp / "shards").mkdir()
+    _jsonl(tmp / "shards" / "d.jsonl", ROWS)
+    return _spec([tmp / "shards"]), "is a folder"
+
+
+CORPUS_CASES = [corpus_folder_as_file, corpus_missing_file, corpus_corrupt_parquet, corpus_non_utf8, corpus_missing_text_column,
                 corpus_missing_metadata_column, corpus_text_not_string, corpus_empty_partition,
                 corpus_duplicate_partition, corpus_blank_only_partition, corpus_empty_file]
 

@@ -851,6 +851,11 @@ def _local_files(ps: _PartitionSpec) -> list[Path]:
                     f"demo data file {entry} of source '{ps.source}' does not exist; "
                     f"build it with `python -m mergemix.corpus demo --recipe {ps.demo}` (the workflow's demo rule)"
                 )
+            if path.is_dir():
+                raise CorpusError(
+                    f"data file {entry} of source '{ps.source}' is a folder; list its files or a pattern "
+                    f"('{entry}/*.jsonl') in 'data_files'"
+                )
             raise CorpusError(
                 f"data file {entry} of source '{ps.source}' does not exist; fix 'data_files' in config.yaml"
             )
