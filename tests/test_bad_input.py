@@ -409,34 +409,35 @@ def test_evaluate_refuses_a_damaged_checkpoint(case, tmp_path, tiny_model_config
     assert not out.exists()
 
 
-@pytest.mark.parametrize("sidecar", ["{", "[]", "{}"], ids=["not JSON", "a list", "no keys"])
-def test_evaluate_refuses_a_damaged_shard_sidecar(sidecar, tmp_path, tiny_model_config, shard):
-    make_checkpoint(tmp_path / "a", tiny_model_config, 1)
-    copy = tmp_path / "shard" / Path(shard).name
-    copy.parent.mkdir()
-    for suffix in (".bin", ".idx"):
-        shutil.copy(Path(shard).with_suffix(suffix), copy.with_suffix(suffix))
-    copy.with_suffix(".json").write_text(sidecar)
-    out = tmp_path / "rows.csv"
-    done = run("-m", "mergemix.evaluate", "--model", str(tmp_path / "a"), "--domain", f"docs:ood:1000:{copy}",
-               "--out", str(out), "--model-kind", "unit", "--model-id", "a")
-    assert str(copy.with_suffix(".json")) in error_line(done)
-    assert not out.exists()
-
-
-def test_evaluate_refuses_a_shard_index_cut_short(tmp_path, tiny_model_config, shard):
+def _evaluate_damaged_shard(tmp_path, tiny_model_config, shard, damage):
+    """Evaluate a fresh checkpoint on a copy of `shard` that `damage(prefix)` spoiled; the error line."""
     make_checkpoint(tmp_path / "a", tiny_model_config, 1)
     copy = tmp_path / "shard" / Path(shard).name
     copy.parent.mkdir()
     for suffix in (".bin", ".idx", ".json"):
         shutil.copy(Path(shard).with_suffix(suffix), copy.with_suffix(suffix))
-    idx = copy.with_suffix(".idx")
-    idx.write_bytes(idx.read_bytes()[:-16])  # the last document's row is gone
+    damage(copy)
     out = tmp_path / "rows.csv"
     done = run("-m", "mergemix.evaluate", "--model", str(tmp_path / "a"), "--domain", f"docs:ood:1000:{copy}",
                "--out", str(out), "--model-kind", "unit", "--model-id", "a")
-    assert str(idx) in error_line(done)
     assert not out.exists()
+    return error_line(done)
+
+
+@pytest.mark.parametrize("sidecar", ["{", "[]", "{}"], ids=["not JSON", "a list", "no keys"])
+def test_evaluate_refuses_a_damaged_shard_sidecar(sidecar, tmp_path, tiny_model_config, shard):
+    line = _evaluate_damaged_shard(tmp_path, tiny_model_config, shard,
+                                   lambda prefix: prefix.with_suffix(".json").write_text(sidecar))
+    assert str(tmp_path / "shard" / (Path(shard).name + ".json")) in line, line
+
+
+def test_evaluate_refuses_a_shard_index_cut_short(tmp_path, tiny_model_config, shard):
+    def cut(prefix):  # the last document's row is gone
+        idx = prefix.with_suffix(".idx")
+        idx.write_bytes(idx.read_bytes()[:-16])
+
+    line = _evaluate_damaged_shard(tmp_path, tiny_model_config, shard, cut)
+    assert str(tmp_path / "shard" / (Path(shard).name + ".idx")) in line, line
 
 
 def test_neither_merge_nor_evaluate_writes_over_the_checkpoint_it_reads(tmp_path, tiny_model_config, shard):

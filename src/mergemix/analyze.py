@@ -528,7 +528,8 @@ def pairwise_accuracy(proxy: Sequence[float], truth: Sequence[float]) -> tuple[f
         return float("nan"), 0
     i, j = np.triu_indices(x.size, k=1)
     dy = np.sign(y[i] - y[j])
-    dx = np.where(x[i] == x[j], 0.0, np.sign(x[i] - x[j]))  # two infinite (failed) proxies tie
+    with np.errstate(invalid="ignore"):  # inf - inf: two failed proxies, which tie
+        dx = np.where(x[i] == x[j], 0.0, np.sign(x[i] - x[j]))
     keep = dy != 0
     if not keep.any():
         return float("nan"), 0

@@ -93,30 +93,30 @@ def verify(path: str | Path) -> dict[str, Any]:
     return sidecar
 
 
-def read_sidecar(path: str | Path) -> dict[str, Any]:
-    file = Path(path) / SIDECAR
+def _read_object(path: str | Path, name: str, if_missing: str) -> dict[str, Any]:
+    """The JSON object in file `name` of checkpoint folder `path`, or one CheckpointError naming the file."""
+    file = Path(path) / name
     if not file.is_file():
-        raise CheckpointError(f"checkpoint {path} has no {SIDECAR}: it was not written by mergemix")
+        raise CheckpointError(f"checkpoint {path} has no {name}: {if_missing}")
     try:
-        sidecar = io.read_json(file)
+        data = io.read_json(file)
     except ValueError as exc:
         raise CheckpointError(f"{file} is not valid JSON ({exc}): delete {path} and rerun") from exc
-    if not isinstance(sidecar, dict):
-        raise CheckpointError(f"{file} holds a {type(sidecar).__name__}, not a mergemix sidecar: delete {path} and rerun")
-    return sidecar
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} holds a {type(data).__name__}, not a JSON object: delete {path} and rerun")
+    return data
+
+
+def read_sidecar(path: str | Path) -> dict[str, Any]:
+    return _read_object(path, SIDECAR, "it was not written by mergemix")
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
     """A checkpoint's config.json (its architecture), refused with its name if missing or not JSON."""
-    file = Path(path) / CONFIG
-    if not file.is_file():
-        raise CheckpointError(f"checkpoint {path} has no {CONFIG}: delete {path} and rerun to write it again")
-    try:
-        config = io.read_json(file)
-    except ValueError as exc:
-        raise CheckpointError(f"{file} is not valid JSON ({exc}): delete {path} and rerun") from exc
-    if not isinstance(config, dict) or "model_type" not in config:
-        raise CheckpointError(f"{file} names no model_type: it is not a Hugging Face model config; delete {path} and rerun")
+    config = _read_object(path, CONFIG, f"delete {path} and rerun to write it again")
+    if "model_type" not in config:
+        raise CheckpointError(f"{Path(path) / CONFIG} names no model_type: it is not a Hugging Face model config; "
+                              f"delete {path} and rerun")
     return config
 
 
