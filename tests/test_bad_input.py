@@ -267,11 +267,16 @@ def test_tokenizer_larger_than_model_vocabulary(shard, tokenizer_dir, tmp_path):
     assert_nothing_left(out)
 
 
-def test_unknown_tokenizer_name(tmp_path):
+@pytest.mark.parametrize("kind", ["missing", "empty folder"])
+def test_unknown_tokenizer_name(kind, tmp_path):
     out = tmp_path / "tokenizer"
-    missing = tmp_path / "no-such-tokenizer"
-    line = error_line(run("-m", "mergemix.tokenize", "tokenizer", "--name", str(missing), "--out-dir", str(out)))
-    assert str(missing) in line, line
+    name = tmp_path / "no-such-tokenizer"
+    if kind == "empty folder":
+        name.mkdir()
+    done = run("-m", "mergemix.tokenize", "tokenizer", "--name", str(name), "--out-dir", str(out))
+    line = error_line(done)
+    assert str(name) in line, line
+    assert done.stderr.strip().splitlines()[-1] == line, "the error goes on past its line"
     assert_nothing_left(out)
 
 

@@ -248,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     def work() -> None:
+        if args.max_docs < 1 or args.batch_size < 1:
+            raise EngineError(f"--max-docs {args.max_docs} and --batch-size {args.batch_size} must both be at least 1")
         mm.check_gpus_usable()
         models: dict[str, list[Path]] = {}
         for partition, path in parse_pairs(args.model, "--model"):

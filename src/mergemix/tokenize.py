@@ -58,10 +58,15 @@ def fetch_pretrained(name: str, out_dir: Path) -> None:
     """Copy a Hugging Face tokenizer (hub name or folder) into the workflow's folder."""
     from transformers import AutoTokenizer
 
+    folder = Path(name)
+    if folder.is_dir() and not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise TokenizeError(f"tokenizer folder {name} (tokenizer.name / seed.pretrained) holds no tokenizer.json "
+                            "or tokenizer_config.json: name a saved Hugging Face tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as exc:
-        raise TokenizeError(f"cannot load tokenizer '{name}' (tokenizer.name / seed.pretrained): {exc}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TokenizeError(f"cannot load tokenizer '{name}' (tokenizer.name / seed.pretrained): {first}") from exc
     if not tok.is_fast:
         raise TokenizeError(f"tokenizer '{name}' has no fast (tokenizers) version: give a tokenizer with tokenizer.json")
     if tok.eos_token_id is None:
