@@ -112,11 +112,15 @@ def test_sigterm_saves_promptly_and_a_rerun_resumes(shard, tokenizer_dir, refere
     assert_same_weights(reference, out)
 
 
-def test_continued_pretraining_resumes_bit_for_bit_and_says_what_it_carried(shard, tokenizer_dir, reference, tmp_path):
+@pytest.mark.parametrize("engine", [{}, {"precision": "bf16", "zero_stage": 1}], ids=["fp32", "bf16-zero1"])
+def test_continued_pretraining_resumes_bit_for_bit_and_says_what_it_carried(engine, shard, tokenizer_dir, reference,
+                                                                            tmp_path):
     """A unit model carries the seed's AdamW moments; killed and rerun, it resumes from its
-    own state and ends as an uninterrupted run does, sidecar included."""
+    own state (not the seed's moments: under ZeRO, loading both would leave AdamW with
+    zero moments) and ends as an uninterrupted run does, sidecar included."""
     def unit(out):  # the last --unit-tokens counts: half the seed's
-        return [*command(shard, tokenizer_dir, out, kind="unit"), "--init", str(reference), "--unit-tokens", "20000"]
+        return [*command(shard, tokenizer_dir, out, kind="unit", **engine), "--init", str(reference),
+                "--unit-tokens", "20000"]
     whole = tmp_path / "whole"
     run(unit(whole))
     out = tmp_path / "killed"

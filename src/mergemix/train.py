@@ -130,6 +130,14 @@ def _zero_create_state(optimizer: Any, step: torch.Tensor) -> None:
     optimizer._lazy_init_hp_params_optimizer_state()
 
 
+def moment_count(path: Path) -> int:
+    """Parameters whose moments an optimizer-state file holds (what `load_optimizer_state` sets)."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return sum(key.startswith("exp_avg.") for key in f.keys())
+
+
 def optimizer_state(model: torch.nn.Module, optimizer: Any) -> dict[str, torch.Tensor]:
     """AdamW moments keyed by parameter name (float32, CPU), for continued pretraining and resumes."""
     from deepspeed.utils import safe_get_full_optimizer_state
@@ -423,12 +431,15 @@ def train(
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(phase.batch_size, tcfg, world)
     )
+    seed_moments = init / OPTIMIZER_FILE if init is not None and (init / OPTIMIZER_FILE).is_file() else None
     carried = 0
-    if init is not None and (init / OPTIMIZER_FILE).is_file():
-        carried = load_optimizer_state(engine.module, optimizer, init / OPTIMIZER_FILE)
-    if resume is not None:  # replaces the seed's moments with the resume state's
+    if resume is not None:  # the resume state's moments, not the seed's (loading both would
+        # create ZeRO's optimizer state twice, and DeepSpeed links parameters to it once)
         restore_full_weights(engine.module, resumed)
         load_optimizer_state(engine.module, optimizer, resume / OPTIMIZER_FILE)
+        carried = moment_count(seed_moments) if seed_moments else 0  # what the first attempt carried
+    elif seed_moments:
+        carried = load_optimizer_state(engine.module, optimizer, seed_moments)
     rank0 = engine.global_rank == 0
     micro = phase.batch_size // world
     mine = slice(engine.global_rank * micro, (engine.global_rank + 1) * micro)  # this rank's share of a batch
