@@ -213,3 +213,24 @@ def test_config_examples_in_the_docs_validate():
                 pytest.fail(f"the config example in {doc.relative_to(REPO)} does not validate: {exc}")
             checked += 1
     assert checked >= 1  # docs/incremental.md's new source
+
+
+def test_a_key_given_twice_is_found_beside_yaml_merge_keys(tmp_path):
+    base = "defaults: &d {lr: 1, min_lr: 0}\nphase:\n  <<: *d\n  lr: 2\n"  # overriding a merged key is fine
+    (tmp_path / "ok.yaml").write_text(base)
+    mc.check_unique_keys(str(tmp_path / "ok.yaml"))
+    (tmp_path / "twice.yaml").write_text(base + "  warmup_steps: 3\n  warmup_steps: 4\n")
+    with pytest.raises(mc.ConfigError, match=r"twice.yaml line 6: key 'warmup_steps' is given twice"):
+        mc.check_unique_keys(str(tmp_path / "twice.yaml"))
+
+
+def test_a_warm_up_is_checked_against_the_shortest_run_of_its_phase():
+    cfg = mc.load(str(REPO / "configs/study_5.4_size_transfer.yaml"))
+    unit_steps = ((cfg["train"]["unit_tokens"] - 1) // cfg["model"]["context_length"]) // cfg["train"]["continued"]["batch_size"]
+    cfg["train"]["continued"]["warmup_steps"] = unit_steps  # a unit model would spend all its steps warming up
+    with pytest.raises(mc.ConfigError, match=r"train.continued.warmup_steps .* is not shorter than the phase"):
+        mc.validate(cfg)
+    cfg["train"]["continued"]["warmup_steps"] = unit_steps - 1
+    # the large seq models train on k units or more: a warm-up longer than one unit is fine there
+    cfg["transfer"]["continued"]["warmup_steps"] = unit_steps + 10
+    mc.validate(cfg)

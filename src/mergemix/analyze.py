@@ -510,6 +510,11 @@ def _corr(x: np.ndarray, y: np.ndarray, label: str) -> tuple[float, float, float
     return float(pr.statistic), float(pr.pvalue), float(sr.statistic), float(sr.pvalue)
 
 
+def worst_if_not_finite(ppl: np.ndarray) -> np.ndarray:
+    """Perplexities with NaN and infinity as +inf: a model that diverged ranks last."""
+    return np.where(np.isfinite(ppl), ppl, np.inf)
+
+
 def pairwise_accuracy(proxy: Sequence[float], truth: Sequence[float]) -> tuple[float, int]:
     """Share of mixture pairs that ``proxy`` orders the way ``truth`` does, and the pair count.
 
@@ -517,10 +522,10 @@ def pairwise_accuracy(proxy: Sequence[float], truth: Sequence[float]) -> tuple[f
     A pair whose true (seq) perplexities are equal has no right answer and is
     left out of the count.  A pair the proxy ties (but the truth does not)
     counts 0.5: the proxy cannot decide it, and a coin toss is right half the
-    time.  Equality is exact.  Fewer than two values, or no countable pair,
-    give ``(nan, 0)``.
+    time.  Equality is exact; a proxy value that is not finite ranks last.
+    Fewer than two values, or no countable pair, give ``(nan, 0)``.
     """
-    x = np.asarray(proxy, dtype=float)
+    x = worst_if_not_finite(np.asarray(proxy, dtype=float))
     y = np.asarray(truth, dtype=float)
     if x.shape != y.shape:
         raise ValueError(f"proxy has {x.size} values but truth has {y.size}")
@@ -543,7 +548,7 @@ def pick_ranks(proxy: Sequence[float], truth: Sequence[float]) -> np.ndarray:
     A mixture's true rank is 1 + the number of mixtures with strictly lower seq
     perplexity, so 1 means a truly best mixture (paper, appendix A.5).
     """
-    x = np.asarray(proxy, dtype=float)
+    x = worst_if_not_finite(np.asarray(proxy, dtype=float))
     y = np.asarray(truth, dtype=float)
     if x.shape != y.shape or not x.size:
         raise ValueError("pick_ranks needs one proxy and one true value per mixture, at least one")
@@ -585,11 +590,6 @@ def _rank_stats(names: list[str], x: np.ndarray, y: np.ndarray, label: str) -> d
     out.update(n_pairs=n_pairs, pairwise_acc=acc, proxy_best=pick, true_best=best,
                top1=top1, true_rank=rank, median_true_rank=rank)
     return out
-
-
-def worst_if_not_finite(ppl: np.ndarray) -> np.ndarray:
-    """Perplexities with NaN and infinity as +inf: a model that diverged ranks last."""
-    return np.where(np.isfinite(ppl), ppl, np.inf)
 
 
 def _finite(values: Iterable[float]) -> list[float]:
@@ -637,9 +637,10 @@ def correlations(scores: pl.DataFrame) -> pl.DataFrame:
     - ``pairwise_acc`` over ``n_pairs`` mixture pairs (see :func:`pairwise_accuracy`:
       pairs tied in seq ppl are left out, proxy-only ties count 0.5);
     - ``proxy_best`` (lowest proxy ppl), ``true_best`` (lowest seq ppl),
-      ``top1`` (1.0 when the proxy's pick is a truly best mixture, else 0.0)
-      and ``true_rank``/``median_true_rank`` (the pick's rank by seq ppl, 1 = best;
-      see :func:`proxy_pick`); NaN (empty ids) below 2 mixtures.  These decision
+      ``top1`` (1.0 when the proxy's pick is a truly best mixture, else 0.0; when
+      the proxy ties several mixtures at its minimum, the share of them that are)
+      and ``true_rank``/``median_true_rank`` (the pick's rank by seq ppl, 1 = best,
+      averaged over such a tie; see :func:`proxy_pick`); NaN (empty ids) below 2 mixtures.  These decision
       statistics keep a mixture whose proxy perplexity is not finite (a merged
       model that diverged) and rank it last: that is the proxy's decision.
 

@@ -15,6 +15,7 @@ import os
 import random
 from dataclasses import dataclass
 from importlib import resources
+from collections.abc import Hashable
 from typing import Any
 
 import jsonschema
@@ -69,7 +70,8 @@ def _describe(error: jsonschema.ValidationError) -> str:
         key = missing if where == "<top level>" else f"{where}.{missing}"
         return f"missing key '{key}' in config: add it (see the commented config.yaml)"
     if "propertyNames" in error.schema_path and not isinstance(error.instance, str):
-        return f"invalid name {error.instance!r} under '{where}': YAML read it as a number; quote it ('{error.instance}')"
+        return (f"invalid name {error.instance!r} under '{where}': YAML read this name as a "
+                f"{type(error.instance).__name__}, not text; put it in quotes as written")
     if error.validator == "propertyNames":
         return f"invalid name {error.instance!r} under '{where}': names must match [A-Za-z0-9_.-]+ and not be 'seed' or 'ood'"
     if error.validator == "type" and isinstance(error.instance, float) and "integer" in str(error.validator_value):
@@ -233,10 +235,11 @@ def _check_phases(section: dict[str, Any], key: str) -> None:
 
 
 def _check_warmup(config: dict[str, Any]) -> None:
-    """A warm-up as long as its phase never reaches the learning rate: refused.
+    """A warm-up that takes a whole phase (no step at or decaying from lr) is refused.
 
     Continued pretraining is checked against one unit, its shortest run (ind and seq
-    models of several units take more steps with the same warm-up).
+    models of several units take more steps with the same warm-up); a size transfer's
+    continued phase trains seq models only, of k units or more, and is not checked.
     """
     train, transfer = config["train"], config.get("transfer")
     # (phase key, phase, its tokens, their key, context length) of every phase trained here
@@ -245,18 +248,16 @@ def _check_warmup(config: dict[str, Any]) -> None:
         context = config["model"]["context_length"]
         phases += [("train.continued", train["continued"], train["unit_tokens"], "train.unit_tokens", context),
                    ("train.seed_phase", train["seed_phase"], train["seed_phase"]["tokens"], "train.seed_phase.tokens", context)]
-    if transfer and not transfer["pretrained"]:
-        context = {**config["model"], **transfer["model"]}["context_length"]
-        phases += [("transfer.continued", transfer["continued"], train["unit_tokens"], "train.unit_tokens", context),
-                   ("transfer.seed_phase", transfer["seed_phase"], transfer["seed_phase"]["tokens"],
-                    "transfer.seed_phase.tokens", context)]
+    if transfer and not transfer["pretrained"]:  # the large model keeps model.context_length
+        phases.append(("transfer.seed_phase", transfer["seed_phase"], transfer["seed_phase"]["tokens"],
+                       "transfer.seed_phase.tokens", config["model"]["context_length"]))
     for key, phase, tokens, tokens_key, context in phases:
         steps = ((tokens - 1) // context) // phase["batch_size"]  # as train.windows cuts them
         if steps and phase["warmup_steps"] >= steps:
             raise ConfigError(
                 f"{key}.warmup_steps ({phase['warmup_steps']}) is not shorter than the phase: {tokens_key} gives "
-                f"{steps} steps of {key}.batch_size x model.context_length, so the learning rate would never "
-                f"reach {key}.lr; lower the warm-up or raise the tokens"
+                f"{steps} steps of {key}.batch_size x model.context_length, so the warm-up would take all of "
+                f"them and none would train at or decay from {key}.lr; lower the warm-up or raise the tokens"
             )
 
 
@@ -324,7 +325,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges; overriding its keys is fine
+                continue
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # the schema names a key that is not text
             if key in seen:
                 raise ConfigError(
                     f"{key_node.start_mark.name} line {key_node.start_mark.line + 1}: key {key!r} is given twice "
@@ -342,7 +347,7 @@ def check_unique_keys(path: str) -> None:
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
     except yaml.YAMLError:
-        return  # Snakemake itself has read the file; a syntax error would have stopped it there
+        return  # not this check's business: reading the file for the config reports it
 
 
 def load(path: str) -> dict[str, Any]:

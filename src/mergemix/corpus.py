@@ -137,6 +137,7 @@ class _Outputs:
             writer(tmp)
             if path.is_file() and filecmp.cmp(tmp, path, shallow=False):
                 log.info("%s is unchanged; leaving it as is", path)
+                usual_mode(path)  # one an earlier version left private
                 return False
             usual_mode(tmp)
             os.replace(tmp, path)

@@ -70,18 +70,26 @@ def clear_stale(target: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+def _read_umask() -> int:
+    umask = os.umask(0)  # the only way to read it is to set it: done once, at import
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()
+
+
 def usual_mode(path: str | Path) -> None:
     """Give a file the permissions the umask gives a new file (mkstemp, and safetensors'
     own temporary files, make it private: 0600), so a shared group can read the outputs."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, 0o666 & ~_UMASK)
 
 
 def write_bytes(path: str | Path, data: bytes, only_if_changed: bool = True) -> bool:
     """Atomically write `data` to `path`; return False when the file already held it."""
     path = Path(path)
     if only_if_changed and path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        usual_mode(path)  # one an earlier version left private
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
     clear_stale(path)

@@ -282,7 +282,9 @@ def pick_rank_bars(corr: pl.DataFrame) -> Figure:
         if d == OOD_MEAN:
             cell[(d, p)] = v
     legend = {p: f"{p} (OOD median {_rank_text(v)})" for (d, p), v in medians.items() if d == OOD_MEAN}
-    n = int(corr["n_mixtures"].max() or 1) if corr.height else 1
+    ranks = [v for v in cell.values() if v is not None and math.isfinite(v)]
+    # n_mixtures counts those with a finite proxy ppl; a rank can range over all of them
+    n = int(max([corr["n_mixtures"].max() or 1, *ranks])) if corr.height else 1
     return _bars(corr, cell, _domains(corr), "true rank of the proxy's pick (1 = best)",
                  (0.0, n + 0.5), ref=1.0, ref_label="picked the best",
                  labels={OOD_MEAN: "OOD median"}, legend=legend)

@@ -59,9 +59,9 @@ def fetch_pretrained(name: str, out_dir: Path) -> None:
     from transformers import AutoTokenizer
 
     folder = Path(name)
-    if folder.is_dir() and not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        raise TokenizeError(f"tokenizer folder {name} (tokenizer.name / seed.pretrained) holds no tokenizer.json "
-                            "or tokenizer_config.json: name a saved Hugging Face tokenizer")
+    if folder.is_dir() and not any(folder.iterdir()):
+        raise TokenizeError(f"tokenizer folder {name} (tokenizer.name / seed.pretrained) is empty: "
+                            "name a saved Hugging Face tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as exc:
