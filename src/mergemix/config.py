@@ -72,8 +72,9 @@ def _describe(error: jsonschema.ValidationError) -> str:
     if "propertyNames" in error.schema_path and not isinstance(error.instance, str):
         return (f"invalid name {error.instance!r} under '{where}': YAML read this name as a "
                 f"{type(error.instance).__name__}, not text; put it in quotes as written")
-    if error.validator == "propertyNames":
-        return f"invalid name {error.instance!r} under '{where}': names must match [A-Za-z0-9_.-]+ and not be 'seed' or 'ood'"
+    if "propertyNames" in error.schema_path:  # jsonschema reports the name's own check (pattern, not)
+        return (f"invalid name {error.instance!r} under '{where}': names are letters, digits, _ . and -, "
+                "do not start with a dot, and a source is not named 'seed' or 'ood'")
     if error.validator == "type" and isinstance(error.instance, float) and "integer" in str(error.validator_value):
         return (f"invalid value for '{where}': {error.instance!r} is not a whole number; write it without a "
                 "decimal point or exponent (YAML reads 1.0e+5 as a float)")
