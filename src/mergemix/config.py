@@ -13,9 +13,9 @@ import itertools
 import math
 import os
 import random
+from collections.abc import Hashable
 from dataclasses import dataclass
 from importlib import resources
-from collections.abc import Hashable
 from typing import Any
 
 import jsonschema
