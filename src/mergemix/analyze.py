@@ -585,10 +585,10 @@ def _rank_stats(names: list[str], x: np.ndarray, y: np.ndarray, label: str) -> d
                     label, len(names), MIN_RANK_MIXTURES)
         return out
     acc, n_pairs = pairwise_accuracy(x, y)
-    pick, best, rank = proxy_pick(names, x, y)
-    top1 = float(np.mean(pick_ranks(x, y) == 1))  # a tie at the top is right that share of the time
+    pick, best, _ = proxy_pick(names, x, y)
+    ranks = pick_ranks(x, y)  # several when the proxy ties at the top: averaged
     out.update(n_pairs=n_pairs, pairwise_acc=acc, proxy_best=pick, true_best=best,
-               top1=top1, true_rank=rank, median_true_rank=rank)
+               top1=float(np.mean(ranks == 1)), true_rank=float(ranks.mean()), median_true_rank=float(ranks.mean()))
     return out
 
 
@@ -640,9 +640,10 @@ def correlations(scores: pl.DataFrame) -> pl.DataFrame:
       ``top1`` (1.0 when the proxy's pick is a truly best mixture, else 0.0; when
       the proxy ties several mixtures at its minimum, the share of them that are)
       and ``true_rank``/``median_true_rank`` (the pick's rank by seq ppl, 1 = best,
-      averaged over such a tie; see :func:`proxy_pick`); NaN (empty ids) below 2 mixtures.  These decision
-      statistics keep a mixture whose proxy perplexity is not finite (a merged
-      model that diverged) and rank it last: that is the proxy's decision.
+      averaged over such a tie; see :func:`proxy_pick`); NaN (empty ids) below 2
+      mixtures.  These decision statistics keep a mixture whose proxy perplexity
+      is not finite (a merged model that diverged) and rank it last: that is the
+      proxy's decision.
 
     Adds one ``ood-mean`` row per proxy (domain_kind ``"mean"``) averaging
     these over the OOD domains (see :func:`_summary_row`; ``median_true_rank``

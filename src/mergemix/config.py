@@ -149,8 +149,8 @@ def _check_semantics(config: dict[str, Any], merge_methods: list[str]) -> None:
     if k > len(owner):
         raise ConfigError(f"mixtures.k is {k} but only {len(owner)} partitions are configured: lower mixtures.k")
     _check_fixed(config, owner)
-    free = k - len(fixed_partitions(config))
-    candidates = math.comb(len(owner) - len(fixed_partitions(config)), free)
+    fixed = len(fixed_partitions(config))
+    candidates = math.comb(len(owner) - fixed, k - fixed)
     sample = config["mixtures"]["sample"]
     if candidates > MAX_LISTED_MIXTURES and (sample is None or sample > MAX_LISTED_MIXTURES):
         raise ConfigError(

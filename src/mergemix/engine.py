@@ -49,6 +49,7 @@ from mergemix.evaluate import (
     Domain,
     EvalError,
     PreparedDomain,
+    check_caps,
     domain_row,
     model_shape,
     prepare_domain,
@@ -248,8 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     def work() -> None:
-        if args.max_docs < 1 or args.batch_size < 1:
-            raise EngineError(f"--max-docs {args.max_docs} and --batch-size {args.batch_size} must both be at least 1")
+        check_caps(args.max_docs, args.batch_size)
         mm.check_gpus_usable()
         models: dict[str, list[Path]] = {}
         for partition, path in parse_pairs(args.model, "--model"):

@@ -193,6 +193,12 @@ def evaluate(model: torch.nn.Module, domains: list[Domain], max_docs: int, batch
     return rows
 
 
+def check_caps(max_docs: int, batch_size: int) -> None:
+    """--max-docs and --batch-size of evaluate and engine: at least one each."""
+    if max_docs < 1 or batch_size < 1:
+        raise EvalError(f"--max-docs {max_docs} and --batch-size {batch_size} must both be at least 1")
+
+
 def rows_csv(rows: list[dict]) -> str:
     buf = stdio.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
@@ -224,8 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         domains = [Domain.parse(d) for d in args.domain]
         if not domains:
             raise EvalError("no --domain given")
-        if args.max_docs < 1 or args.batch_size < 1:
-            raise EvalError(f"--max-docs {args.max_docs} and --batch-size {args.batch_size} must both be at least 1")
+        check_caps(args.max_docs, args.batch_size)
         model_dir = os.path.realpath(args.model)
         if os.path.commonpath([model_dir, os.path.realpath(args.out)]) == model_dir:
             raise EvalError(f"--out {args.out} is inside the checkpoint {args.model} it scores: write the rows elsewhere")

@@ -142,7 +142,7 @@ def run_command(work: Callable[[], object], errors: tuple[type[Exception], ...])
         message = describe_os_error(exc)
     else:
         return 0
-    print(f"error: {message}", file=sys.stderr)
+    print("error: " + " ".join(message.split()), file=sys.stderr)  # one line, whatever a library wrote
     return 1
 
 

@@ -76,8 +76,7 @@ def merge_weights(method: str, groups: dict[str, list[str]], tokens: dict[str, f
     return {ckpt: share[p] / len(members) for p, members in groups.items() for ckpt in members}
 
 
-def _architecture(path: Path) -> dict:
-    config = mm.read_config(path)
+def _architecture(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in _NON_ARCH_KEYS}
 
 
@@ -115,7 +114,8 @@ def check_compatible(paths: list[Path], verify: bool = True) -> dict:
     if not seed:
         raise MergeError(f"{first / mm.SIDECAR} names no seed_sha256: without it the models cannot be checked to share "
                          "a seed; merge checkpoints written by mergemix")
-    arch = _architecture(first)
+    config = mm.read_config(first)
+    arch = _architecture(config)
     layouts = {first: mm.read_layout(first)}
     shapes = {name: (dtype, shape) for name, (dtype, shape, *_) in layouts[first].items()}
     for name, (dtype, _) in shapes.items():
@@ -125,7 +125,7 @@ def check_compatible(paths: list[Path], verify: bool = True) -> dict:
         other_seed = mm.read_sidecar(path).get("seed_sha256")
         if other_seed != seed:
             raise MergeError(f"{path} grew from seed {str(other_seed)[:12]}, {first} from {str(seed)[:12]}: only models of one seed can be merged")
-        other_arch = _architecture(path)
+        other_arch = _architecture(mm.read_config(path))
         if other_arch != arch:
             key = next(k for k in sorted(set(arch) | set(other_arch)) if arch.get(k) != other_arch.get(k))
             raise MergeError(f"{path} differs from {first} in config '{key}': {other_arch.get(key)!r} vs {arch.get(key)!r}")
@@ -141,7 +141,7 @@ def check_compatible(paths: list[Path], verify: bool = True) -> dict:
                 raise MergeError(f"tensor '{name}' has shape {shape} in {path} but {shapes[name][1]} in {first}")
             if dtype != shapes[name][0]:
                 raise MergeError(f"tensor '{name}' is {dtype} in {path} but {shapes[name][0]} in {first}")
-    return {"seed_sha256": seed, "config": mm.read_config(first), "layout": shapes, "layouts": layouts}
+    return {"seed_sha256": seed, "config": config, "layout": shapes, "layouts": layouts}
 
 
 def weighted_sum(terms: Iterable[tuple[Any, float]]) -> Any:

@@ -65,8 +65,7 @@ def fetch_pretrained(name: str, out_dir: Path) -> None:
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TokenizeError(f"cannot load tokenizer '{name}' (tokenizer.name / seed.pretrained): {first}") from exc
+        raise TokenizeError(f"cannot load tokenizer '{name}' (tokenizer.name / seed.pretrained): {exc}") from exc
     if not tok.is_fast:
         raise TokenizeError(f"tokenizer '{name}' has no fast (tokenizers) version: give a tokenizer with tokenizer.json")
     if tok.eos_token_id is None:
