@@ -17,9 +17,13 @@ Choices made here (docs/decontamination.md says why at more length):
   not hide a copy.
 
 The Bloom filter is a numpy bit array sized from the number of distinct evaluation
-paragraphs and a false-positive rate; its k bit positions per paragraph come from one
-128-bit blake2b digest by double hashing (Kirsch and Mitzenmacher), stable across
-runs and machines. It has no false negatives: a copied paragraph is always caught. A
+paragraphs and a false-positive rate; its k bit positions per paragraph are k
+independent 64-bit words of keyed blake2b digests (8 words a digest), stable across
+runs and machines. (Filters before 2026-11-24 took them from one 128-bit digest by
+double hashing, a + i b mod m, whose k positions fold onto a few bits when b shares a
+factor with m, and whose position sets repeat at small m: 42 evaluation paragraphs at
+1e-6 matched about 1 clean paragraph in 2,000. Such filters still load and are read
+their own way; delete them to rebuild.) It has no false negatives: a copied paragraph is always caught. A
 false positive drops a clean document, so the rate must stay well below one over the
 number of paragraphs checked (the default 1e-6 costs 29 bits per evaluation paragraph).
 """
@@ -48,7 +52,8 @@ from mergemix.tokenize import split_documents
 log = logging.getLogger(__name__)
 
 WORD = re.compile(r"\w+(?:['’.]\w+)*")
-HASH = "blake2b-128 double hashing"
+HASH = "blake2b-512 independent words"
+LEGACY_HASH = "blake2b-128 double hashing"  # filters built before 2026-11-24
 EXAMPLES = 5  # removed documents quoted in a partition's report
 
 
@@ -78,9 +83,21 @@ def paragraph_keys(text: str, min_tokens: int) -> list[str]:
 
 
 def _digests(keys: list[str]) -> np.ndarray:
-    """(n, 2) uint64: the two halves of each key's 128-bit blake2b digest."""
+    """(n, 2) uint64: the two halves of each key's 128-bit blake2b digest (LEGACY_HASH)."""
     raw = b"".join(hashlib.blake2b(k.encode("utf-8"), digest_size=16).digest() for k in keys)
     return np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
+
+
+def _words(keys: list[str], n: int) -> np.ndarray:
+    """(len(keys), n) uint64: independent hash words of each key, 8 per 512-bit blake2b
+    digest, the digests told apart by their personalisation (round number)."""
+    rounds = -(-n // 8)
+    raw = b"".join(
+        hashlib.blake2b(data, digest_size=64, person=r.to_bytes(2, "little")).digest()
+        for data in (k.encode("utf-8") for k in keys)
+        for r in range(rounds)
+    )
+    return np.frombuffer(raw, dtype="<u8").reshape(len(keys), rounds * 8)[:, :n]
 
 
 @dataclass
@@ -90,6 +107,7 @@ class BloomFilter:
     n_bits: int
     n_hashes: int
     bits: np.ndarray  # uint8, ceil(n_bits / 8); bit j is bit (j % 8) of byte j // 8
+    hash: str = HASH  # how keys become positions: HASH, or LEGACY_HASH for an old filter
 
     @classmethod
     def sized(cls, n_items: int, false_positive_rate: float) -> BloomFilter:
@@ -102,11 +120,15 @@ class BloomFilter:
         return cls(n_bits, n_hashes, np.zeros((n_bits + 7) // 8, dtype=np.uint8))
 
     def positions(self, keys: list[str]) -> np.ndarray:
-        """(len(keys), k) bit positions: (a + i b) mod m, with b never 0."""
+        """(len(keys), k) bit positions, each an independent hash word mod m (the bias of
+        2^64 mod m is below m / 2^64: nothing for any real filter)."""
+        m = np.uint64(self.n_bits)
+        if self.hash == HASH:
+            return _words(keys, self.n_hashes) % m
+        # LEGACY_HASH: (a + i b) mod m, with b never 0.
         # a < m and i * b < k * m: the uint64 arithmetic cannot wrap for any real filter.
         assert self.n_bits * (self.n_hashes + 1) < 2**63
         digest = _digests(keys)
-        m = np.uint64(self.n_bits)
         a = digest[:, 0] % m
         b = digest[:, 1] % (m - np.uint64(1)) + np.uint64(1)
         i = np.arange(self.n_hashes, dtype=np.uint64)
@@ -138,7 +160,7 @@ class BloomFilter:
             **meta,
             "n_bits": self.n_bits,
             "n_hashes": self.n_hashes,
-            "hash": HASH,
+            "hash": self.hash,
             "bits_sha256": hashlib.sha256(data).hexdigest(),
             "expected_false_positive_rate": self.false_positive_rate(),
         }
@@ -151,9 +173,9 @@ class BloomFilter:
         meta = io.read_json(sidecar_path)
         bits_path = sidecar_path.with_suffix(".bin")
         data = bits_path.read_bytes()
-        if meta.get("hash") != HASH or hashlib.sha256(data).hexdigest() != meta["bits_sha256"]:
+        if meta.get("hash") not in (HASH, LEGACY_HASH) or hashlib.sha256(data).hexdigest() != meta["bits_sha256"]:
             raise DecontaminateError(f"{bits_path} does not match its sidecar {sidecar_path}: delete both and rerun")
-        return cls(meta["n_bits"], meta["n_hashes"], np.frombuffer(data, dtype=np.uint8).copy()), meta
+        return cls(meta["n_bits"], meta["n_hashes"], np.frombuffer(data, dtype=np.uint8).copy(), meta["hash"]), meta
 
 
 # --- building the filter from the evaluation sets --------------------------------------
