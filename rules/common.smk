@@ -139,8 +139,20 @@ def get_raw_inputs(wildcards):
     for f in load.get("data_files") or []:
         if f.startswith(("hf://", "http://", "https://")):
             continue
-        files.extend(sorted(glob.glob(f)) if set("*?[") & set(f) else [f])
+        files.extend(
+            sorted(glob.glob(f, recursive=True)) if set("*?[") & set(f) else [f]
+        )
     return files
+
+
+def partition_rename(entry, name):
+    """The rename entries that decide which documents partition `name` holds: raw keys
+    renamed to it, and its own raw key if that is renamed away. Only these are in its
+    job's params, so renaming other groups later does not rerun it. Keys as
+    mergemix.corpus compares them, through str(): a YAML null key is the raw key of
+    missing values, "None"."""
+    rename = entry.get("rename") or {}
+    return {str(k): v for k, v in rename.items() if v == name or str(k) == name}
 
 
 def partition_spec(wildcards):
@@ -155,7 +167,7 @@ def partition_spec(wildcards):
         "partition_by": (
             entry.get("partition_by", []) if group not in ("seed", "ood") else []
         ),
-        "rename": entry.get("rename", {}) if group not in ("seed", "ood") else {},
+        "rename": partition_rename(entry, name) if group not in ("seed", "ood") else {},
         "partitions": [name],
         "seed": config["random_seed"],
     }

@@ -20,7 +20,7 @@ rule tokenizer:
         runtime=res("light", "runtime"),
     params:
         how=(
-            f"--name {config['tokenizer']['name'] or SEED_PRETRAINED}"
+            f"--name {shlex.quote(config['tokenizer']['name'] or SEED_PRETRAINED)}"
             if (config["tokenizer"]["name"] or SEED_PRETRAINED)
             else "--input work/partitions/seed/seed.parquet"
         ),

@@ -40,7 +40,7 @@ rule seed:
         cpus_per_task=cpus_per_task,
     params:
         how=(
-            f"--pretrained {SEED_PRETRAINED}"
+            f"--pretrained {shlex.quote(SEED_PRETRAINED)}"
             if SEED_PRETRAINED
             else f"--unit {shard('train', 'seed', 'seed')}:0 --unit-tokens {config['train']['seed_phase']['tokens']}"
             f" --phase-json {json_flag(SEED_PHASE)}"

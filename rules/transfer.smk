@@ -41,7 +41,7 @@ rule seed_large:
         cpus_per_task=cpus_per_task,
     params:
         how=(
-            f"--pretrained {TRANSFER['pretrained']}"
+            f"--pretrained {shlex.quote(TRANSFER['pretrained'])}"
             if TRANSFER["pretrained"]
             else f"--unit {shard('train', 'seed', 'seed')}:0 --unit-tokens {TRANSFER['seed_phase']['tokens']}"
             f" --phase-json {json_flag(LARGE_SEED_PHASE)}"

@@ -445,6 +445,17 @@ def test_evaluate_refuses_a_shard_index_cut_short(tmp_path, tiny_model_config, s
     assert str(tmp_path / "shard" / (Path(shard).name + ".idx")) in line, line
 
 
+@pytest.mark.parametrize("cut", [1, 2, 4], ids=["half a token", "a token", "two tokens"])
+def test_evaluate_refuses_a_shard_cut_short(cut, tmp_path, tiny_model_config, shard):
+    """Cut by an odd number of bytes, numpy refused to map the file with a traceback."""
+    def shorten(prefix):
+        data = prefix.with_suffix(".bin")
+        data.write_bytes(data.read_bytes()[:-cut])
+
+    line = _evaluate_damaged_shard(tmp_path, tiny_model_config, shard, shorten)
+    assert str(tmp_path / "shard" / (Path(shard).name + ".bin")) in line and "truncated" in line, line
+
+
 def test_neither_merge_nor_evaluate_writes_over_the_checkpoint_it_reads(tmp_path, tiny_model_config, shard):
     make_checkpoint(tmp_path / "a", tiny_model_config, 1)
     make_checkpoint(tmp_path / "b", tiny_model_config, 2)

@@ -10,7 +10,6 @@ import string
 import subprocess
 import sys
 
-import numpy as np
 import polars as pl
 import pytest
 import yaml
@@ -202,6 +201,13 @@ def test_a_partition_emptied_by_decontamination_is_one_clear_error(tmp_path):
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")
     assert "removes all 2 documents of partition docs/alpha" in done.stderr and "evalset" in done.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    # one left: the shards could not hold one out, and would blame the partition's definition
+    pl.DataFrame({"text": [THIRTEEN, f"{THIRTEEN}\nmore", "clean"]}).write_parquet(tmp_path / "docs" / "beta.parquet")
+    done = _cli("partition", "--input", "docs/beta.parquet", "--filter", "filter.json", "--out", "out/beta.parquet",
+                "--report", "out/beta.json", cwd=tmp_path)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "leaves 1 of the 3 documents of partition docs/beta" in done.stderr and "evalset" in done.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     done = _cli("partition", "--input", "docs/nope.parquet", "--filter", "filter.json", "--out", "o.parquet",
                 "--report", "o.json", cwd=tmp_path)

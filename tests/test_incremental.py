@@ -107,6 +107,21 @@ def test_new_partition_trains_only_itself_and_its_mixtures(study):
     assert "alpha+delta" in set(table.filter(pl.col("model_kind") == "merged")["mixture"])
 
 
+def test_renaming_one_group_reruns_only_the_partitions_it_changes(study):
+    def move(config):
+        docs = config["sources"]["docs"]
+        docs["rename"]["functools"] = "delta"  # out of gamma, into a new partition
+        docs["partitions"].update(gamma=1, delta=1)
+    edit_config(study, move)
+
+    jobs = plan(study)
+    assert {out for rule, out in jobs if rule == "partition"} == {"work/partitions/docs/gamma.parquet",
+                                                                  "work/partitions/docs/delta.parquet"}
+    trained = planned_models(jobs)
+    assert {"work/models/unit/docs/alpha/0", "work/models/unit/docs/beta/0", "work/models/seq/alpha+beta"}.isdisjoint(trained)
+    assert {"work/models/unit/docs/delta/0", "work/models/unit/docs/gamma/0", "work/models/seq/alpha+delta"} <= trained
+
+
 def test_new_ood_set_runs_evaluations_and_analysis_only(study):
     from tests.conftest import stdlib_docstrings
 

@@ -346,6 +346,35 @@ def test_adding_a_partition_plans_only_new_engine_batches(run, tmp_path):
     assert "work/models/seq/alpha+delta/model.safetensors" in planned
 
 
+def test_recursive_globs_and_paths_with_spaces_reach_their_jobs(run, tmp_path, tokenizer_dir):
+    """A `**` data_files pattern declares the files at its top level as inputs too (so
+    editing one reruns its partition), and a tokenizer folder whose path holds a space
+    reaches the tokenizer job as one argument."""
+    shutil.copytree(run / "data", tmp_path / "data")
+    lines = (tmp_path / "data/docs.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "data/docs.jsonl").unlink()
+    (tmp_path / "data/docs/more").mkdir(parents=True)
+    (tmp_path / "data/docs/top.jsonl").write_text("".join(lines[::2]))
+    (tmp_path / "data/docs/more/deep.jsonl").write_text("".join(lines[1::2]))
+    tokenizer = tmp_path / "my tokenizers" / "bpe"
+    shutil.copytree(tokenizer_dir, tokenizer)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["sources"]["docs"]["load"]["data_files"] = ["data/docs/**/*.jsonl"]
+    config["sources"]["docs"]["rename"][None] = "untitled"  # YAML `null:`, the raw key of missing values
+    config["tokenizer"]["name"] = str(tokenizer)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+
+    done = snakemake(tmp_path, "-n", "work/partitions/docs/alpha.parquet")
+    assert done.returncode == 0, done.stderr[-3000:]
+    inputs = {word.rstrip(",") for line in done.stdout.splitlines() if line.strip().startswith("input:")
+              for word in line.split()[1:]}
+    assert {"data/docs/top.jsonl", "data/docs/more/deep.jsonl"} <= inputs, inputs
+    done = snakemake(tmp_path, "work/tokenizer/tokenizer.json")
+    assert done.returncode == 0, (done.stderr + (tmp_path / "logs/tokenizer.log").read_text())[-3000:]
+    assert json.loads((tmp_path / "work/tokenizer/tokenizer.json").read_text()) == json.loads(
+        (tokenizer / "tokenizer.json").read_text())
+
+
 def test_bad_config_fails_before_any_job(run, tmp_path):
     shutil.copytree(run / "data", tmp_path / "data")
     config = yaml.safe_load((run / "config.yaml").read_text())

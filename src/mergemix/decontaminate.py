@@ -285,6 +285,12 @@ def decontaminate_partition(partition_file: Path, filter_json: Path, out: Path, 
             f"decontamination removes all {counts['documents_in']} documents of partition {name}: each shares a"
             f" paragraph of >= {min_tokens} words with an evaluation set ({sets}); drop the partition, remove the"
             f" set from decontaminate.against, or raise decontaminate.min_paragraph_tokens")
+    if counts["documents_out"] < 2 <= counts["documents_in"]:
+        raise DecontaminateError(
+            f"decontamination leaves 1 of the {counts['documents_in']} documents of partition {name} (the others"
+            f" share a paragraph of >= {min_tokens} words with an evaluation set: {sets}), and a partition needs 2"
+            " to hold one out; drop the partition, remove the set from decontaminate.against, or raise"
+            " decontaminate.min_paragraph_tokens")
     buffer = bytes_io.BytesIO()
     pq.write_table(table.filter(~remove), buffer, compression="zstd")
     io.write_bytes(out, buffer.getvalue())

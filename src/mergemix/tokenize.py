@@ -220,10 +220,12 @@ def open_tokens(prefix: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
                             f"delete the shard {prefix}.* and rerun")
     dtype = np.dtype(meta["dtype"])
     path = prefix.with_suffix(".bin")
+    size = path.stat().st_size
+    if size != meta["n_tokens"] * dtype.itemsize:
+        raise TokenizeError(f"{path} holds {size} bytes but its sidecar says {meta['n_tokens']} tokens of {dtype} "
+                            f"({meta['n_tokens'] * dtype.itemsize} bytes; truncated or corrupt): delete the shard {prefix}.* and rerun")
     # numpy cannot map an empty file; a shard of empty documents is read as no tokens
-    tokens = np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
-    if tokens.size != meta["n_tokens"]:
-        raise TokenizeError(f"{prefix.with_suffix('.bin')} holds {tokens.size} tokens but its sidecar says {meta['n_tokens']}: delete it and rerun")
+    tokens = np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
     idx = prefix.with_suffix(".idx")
     index = np.fromfile(idx, dtype=np.int64)
     if index.size % 2 or ("n_docs" in meta and index.size // 2 != meta["n_docs"]):
