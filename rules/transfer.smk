@@ -4,7 +4,8 @@
 # the small models' own, made by the other rule files: nothing here merges.
 
 # The large shape; context length and vocabulary stay the small model's, so both sizes
-# are scored on the same evaluation windows.
+# are scored on the same evaluation windows. (A transfer.pretrained seed brings its own
+# context length: its seq models are then scored in windows of that length.)
 LARGE_MODEL = {**config["model"], **TRANSFER["model"]}
 LARGE_FLAGS = (
     f"--tokenizer work/tokenizer --model-json {json_flag(LARGE_MODEL)}"

@@ -515,7 +515,7 @@ def test_full_disk_while_writing_a_table(tmp_path, tiny_disk):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="torch sees a GPU here")
 @pytest.mark.parametrize("stage, args", [
-    ("train", ["--kind", "unit", "--tokenizer", "tok", "--unit", "shard:0"]),
+    ("train", ["--kind", "unit", "--tokenizer", "tok", "--unit", "shard:0", "--unit-tokens", "100"]),
     ("evaluate", ["--model", "m", "--domain", "d:ood:10:shard", "--model-kind", "unit", "--model-id", "m"]),
     ("engine", ["--method", "micro", "--model", "p=m", "--mixture", "p", "--domain", "d:ood:10:shard"]),
 ])
@@ -527,6 +527,32 @@ def test_gpus_given_to_a_job_that_cannot_use_them(tmp_path, stage, args):
                           text=True, timeout=300, cwd=tmp_path, env={**{k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}, "CUDA_VISIBLE_DEVICES": "0,1"})
     line = error_line(done)
     assert "CUDA_VISIBLE_DEVICES=0,1" in line and "sees no CUDA device" in line, line
+    assert not out.exists()
+
+
+TRAIN_ARGS = ["--kind", "seed", "--tokenizer", "tok"]
+EVAL_ARGS = ["--model", "m", "--domain", "d:ood:10:shard", "--model-kind", "unit", "--model-id", "m"]
+
+
+@pytest.mark.parametrize("stage, args, culprit", [
+    ("train", [*TRAIN_ARGS, "--unit", "shard:0"], "--unit-tokens is required"),
+    ("train", [*TRAIN_ARGS, "--unit-tokens", "100"], "--unit is required"),
+    ("train", [*TRAIN_ARGS, "--unit", "shard:0", "--unit-tokens", "0"], "argument --unit-tokens: 0 is below 1"),
+    ("train", [*TRAIN_ARGS, "--unit", "shard:0", "--unit-tokens", "100", "--seed", "-1"], "argument --seed: -1 is below 0"),
+    ("train", ["--kind", "unit", "--tokenizer", "tok", "--pretrained", "gpt2"], "--pretrained imports a seed"),
+    ("evaluate", [*EVAL_ARGS, "--seed", "-5"], "argument --seed: -5 is below 0"),
+    ("engine", ["--method", "micro", "--model", "p=m", "--mixture", "p", "--domain", "d:ood:10:shard", "--seed", "x"],
+     "argument --seed: 'x' is not a whole number"),
+], ids=["no unit tokens", "no unit", "zero unit tokens", "negative seed", "pretrained unit", "evaluate seed",
+        "engine seed"])
+def test_command_line_mistakes_name_the_flag(tmp_path, stage, args, culprit):
+    """Before, these ended in a TypeError traceback, numpy's 'need at least one array to
+    concatenate', or a seed error naming no flag."""
+    out = tmp_path / "out"
+    done = run("-m", f"mergemix.{stage}", *args, "--out", str(out), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    line = error_line(done)
+    assert culprit in line, line
     assert not out.exists()
 
 

@@ -72,7 +72,7 @@ def run_engine(study: dict, method: str, mixtures: list[str], out: Path, extra: 
                         *EVAL, "--device", "cpu", *extra])
 
 
-@pytest.mark.parametrize("method", ["micro", "macro", "weighted"])
+@pytest.mark.parametrize("method", ["micro", "macro", "weighted", "merged"])
 def test_engine_rows_equal_file_based_rows(study, tmp_path, method):
     tokens = ["--tokens", "a=300", "--tokens", "b=100", "--tokens", f"c={study['root']}/tokens/c/train.json"]
     tokens = tokens if method == "weighted" else []

@@ -1,4 +1,5 @@
 import math
+import shutil
 
 import torch
 from safetensors.torch import load_file
@@ -162,6 +163,21 @@ def test_a_new_model_in_a_folder_drops_tensor_files_the_old_one_had(tmp_path, ti
     assert (tmp_path / "seed" / "optimizer.safetensors").is_file()
     mm.save(model, tmp_path / "seed", {"kind": "seed"}, is_seed=True)
     assert sorted(p.name for p in (tmp_path / "seed").iterdir()) == ["config.json", "mergemix.json", "model.safetensors"]
+
+
+def test_a_merge_into_a_trained_models_folder_drops_its_optimizer_state_and_metrics(tmp_path, tiny_model_config):
+    """`train --init` carries any optimizer.safetensors it finds: a seed's moments left
+    beside merged weights would be applied to another model."""
+    torch.manual_seed(0)
+    model = mm.build(tiny_model_config, 512, 0)
+    mm.save(model, tmp_path / "a", {"kind": "seed"}, {"optimizer.safetensors": {"exp_avg.x": torch.zeros(2)}},
+            is_seed=True)
+    (tmp_path / "a" / "train_metrics.csv").write_text("step,loss\n1,5.0\n")
+    make_checkpoint(tmp_path / "b", tiny_model_config, seed=2, seed_sha=mm.read_sidecar(tmp_path / "a")["seed_sha256"])
+    shutil.copytree(tmp_path / "a", tmp_path / "m")
+    merge("micro", {"p": [tmp_path / "a"], "q": [tmp_path / "b"]}, tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "mergemix.json", "model.safetensors"]
+    assert mm.read_sidecar(tmp_path / "m")["kind"] == "merged"
 
 
 def test_an_input_cut_short_during_the_average_is_named(tmp_path, tiny_model_config):

@@ -112,6 +112,27 @@ def test_sigterm_saves_promptly_and_a_rerun_resumes(shard, tokenizer_dir, refere
     assert_same_weights(reference, out)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "flipped"])
+def test_a_damaged_newest_state_falls_back_to_the_one_before(damage, shard, tokenizer_dir, reference, tmp_path):
+    """A crash of the node can leave the newest state's files cut short; the rerun
+    resumes from the state before it (a traceback on every rerun before)."""
+    out = tmp_path / "crashed"
+    proc = start_and_signal(command(shard, tokenizer_dir, out), out, 8, signal.SIGTERM)
+    assert proc.returncode == 143, proc.stderr.read()[-2000:]
+    older, newest = sorted((out / ".resume").glob("step-*"))[-2:]
+    weights = newest / mm.WEIGHTS
+    data = bytearray(weights.read_bytes())
+    if damage == "truncated":
+        del data[len(data) // 2:]
+    else:
+        data[-5] ^= 0x01
+    weights.write_bytes(bytes(data))
+    resumed = run(command(shard, tokenizer_dir, out))
+    assert f"ignoring resume state {newest}" in resumed.stderr, resumed.stderr[-2000:]
+    assert f"resuming seed from {older}" in resumed.stderr
+    assert_same_weights(reference, out)
+
+
 @pytest.mark.parametrize("engine", [{}, {"precision": "bf16", "zero_stage": 1}], ids=["fp32", "bf16-zero1"])
 def test_continued_pretraining_resumes_bit_for_bit_and_says_what_it_carried(engine, shard, tokenizer_dir, reference,
                                                                             tmp_path):

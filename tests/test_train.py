@@ -1,6 +1,7 @@
 """Real DeepSpeed training of a tiny GPT-NeoX, through the command line the rules use."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -73,6 +74,23 @@ def test_unit_continues_from_the_seed_with_its_optimizer_state(seed, shards, tok
     assert lrs[0] == pytest.approx(5e-4) and lrs[-1] == pytest.approx(1e-3)  # re-warmed, then constant
     a, b = load_file(seed / mm.WEIGHTS), load_file(out / mm.WEIGHTS)
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_damaged_seed_moments_are_refused_before_a_unit_trains(seed, shards, tokenizer_dir, tmp_path):
+    """Every unit, ind and seq model carries the seed's AdamW moments over: one flipped
+    bit there trained every model of a study from poisoned moments, without an error."""
+    assert set(mm.read_sidecar(seed)["files_sha256"]) == {"optimizer.safetensors"}
+    damaged = tmp_path / "seed"
+    shutil.copytree(seed, damaged)
+    moments = bytearray((damaged / "optimizer.safetensors").read_bytes())
+    moments[-3] ^= 0x40
+    (damaged / "optimizer.safetensors").write_bytes(bytes(moments))
+    phase = {"batch_size": 4, "lr": 1e-3, "min_lr": 1e-3, "warmup_steps": 2}
+    done = run_train("--kind", "unit", "--tokenizer", tokenizer_dir, "--init", damaged, "--unit", f"{shards}/typing/train:0",
+                     "--unit-tokens", 2000, "--phase-json", json.dumps(phase), "--out", tmp_path / "unit")
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith("error: "), done.stderr[-2000:]
+    assert f"{damaged / 'optimizer.safetensors'} does not match the sha256" in done.stderr
+    assert not (tmp_path / "unit").exists() or not list((tmp_path / "unit").glob("*.safetensors"))
 
 
 def test_a_seed_with_tied_embeddings_imports_trains_and_merges(shards, tokenizer_dir, tmp_path):

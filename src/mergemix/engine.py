@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timings", type=Path, help="CSV of per-mixture merge and scoring seconds")
     parser.add_argument("--max-docs", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=io.whole(0), default=0)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto (GPU when available), cpu, cuda, cuda:N")
     args = parser.parse_args(argv)

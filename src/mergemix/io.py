@@ -8,6 +8,7 @@ bytes change.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import hashlib
 import json
@@ -28,6 +29,22 @@ def job_threads() -> int | None:
     OMP_NUM_THREADS), or None outside one."""
     value = os.environ.get("OMP_NUM_THREADS", "")
     return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def whole(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least `minimum`, or argparse's one-line
+    error naming the flag (`argument --seed: -1 is below 0`)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+
+    return parse
 
 
 def cores() -> int:
@@ -158,12 +175,21 @@ def save_tensors(tensors: dict, path: str | Path, metadata: dict[str, str] | Non
     try:
         save_file(tensors, path, metadata=metadata)
         usual_mode(path)
+        fd = os.open(path, os.O_RDONLY)  # on disk before it is renamed into place, as write_bytes does
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except SafetensorError as exc:
         found = re.search(r"os error (\d+)", str(exc))
         if found is None:
             raise
         code = int(found.group(1))
         raise OSError(code, os.strerror(code), str(path)) from exc
+    except OSError as exc:
+        if exc.filename is None:  # a failed fsync() names no file
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
 
 
 # Bytes per element of each safetensors dtype name.

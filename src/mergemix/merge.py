@@ -283,6 +283,7 @@ def merge(method: str, groups: dict[str, list[Path]], out: Path, tokens: dict[st
         io.write_json(stage.path / mm.SIDECAR, sidecar)
         for check in checks:
             check.result()  # an input that fails its sha256 leaves nothing behind
+        mm.drop_stale(out)  # a model this replaces leaves no optimizer state or metrics behind
         stage.commit(last=(mm.SIDECAR, mm.WEIGHTS))
     return sidecar
 

@@ -93,6 +93,17 @@ def verify(path: str | Path) -> dict[str, Any]:
     return sidecar
 
 
+def verify_file(path: str | Path, name: str) -> Path:
+    """Check file `name` of checkpoint folder `path` (the seed's optimizer state) against
+    the sha256 its sidecar recorded under files_sha256; returns the file. A checkpoint
+    written before files_sha256 existed has no record, and its file is used unchecked."""
+    file = Path(path) / name
+    expected = read_sidecar(path).get("files_sha256", {}).get(name)
+    if expected is not None and io.sha256_file(file) != expected:
+        raise CheckpointError(f"{file} does not match the sha256 in {SIDECAR} (truncated or corrupt): delete {path} and rerun")
+    return file
+
+
 def _read_object(path: str | Path, name: str, if_missing: str) -> dict[str, Any]:
     """The JSON object in file `name` of checkpoint folder `path`, or one CheckpointError naming the file."""
     file = Path(path) / name
@@ -215,6 +226,18 @@ def untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def drop_stale(out: str | Path, keep: set[str] = frozenset()) -> None:
+    """Remove what an earlier model in folder `out` left that the model replacing it
+    lacks: a tensor file other than its weights and `keep` (a trained seed's optimizer
+    state, which `train --init` would carry into the new model's training) and its
+    training metrics. Called just before the new files are moved in."""
+    for old in Path(out).glob("*.safetensors"):
+        if old.name != WEIGHTS and old.name not in keep:
+            old.unlink()
+    if "train_metrics.csv" not in keep:
+        (Path(out) / "train_metrics.csv").unlink(missing_ok=True)
+
+
 def save(
     model: torch.nn.Module,
     out: str | Path,
@@ -235,14 +258,11 @@ def save(
         for name, tensors in (extra or {}).items():
             io.save_tensors(tensors, stage.path / name, metadata={"format": "pt"})
         sidecar = {**sidecar, "weights_sha256": io.sha256_file(stage.path / WEIGHTS)}
+        if extra:  # checked by verify_file before use: every model trained from a seed reads its moments
+            sidecar["files_sha256"] = {name: io.sha256_file(stage.path / name) for name in sorted(extra)}
         if is_seed:
             sidecar["seed_sha256"] = sidecar["weights_sha256"]
         io.write_json(stage.path / SIDECAR, sidecar)
-        # A tensor file an earlier model in this folder had and this one lacks (the
-        # optimizer state of a trained seed, replaced by an imported one) would be read
-        # as this model's: it goes.
-        for old in Path(out).glob("*.safetensors"):
-            if old.name != WEIGHTS and old.name not in (extra or {}):
-                old.unlink()
+        drop_stale(out, keep={*(extra or {}), "train_metrics.csv"})  # training has just written its metrics
         stage.commit(last=(SIDECAR, WEIGHTS))
     return sidecar

@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--out-dir", type=Path, required=True)
     s.add_argument("--heldout-fraction", type=float, required=True)
     s.add_argument("--segment-chars", type=int, required=True)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=io.whole(0), default=0)
     s.add_argument("--heldout-only", action="store_true", help="all documents are evaluation documents")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -235,7 +235,9 @@ def save_resume(out: Path, weights: dict[str, torch.Tensor], moments: dict[str, 
     with io.StagingDir(target) as stage:
         io.save_tensors(weights, stage.path / mm.WEIGHTS)
         io.save_tensors(moments, stage.path / OPTIMIZER_FILE)
-        io.write_json(stage.path / "state.json", {"step": step, "fingerprint": key, "metrics": metrics})
+        hashes = {name: io.sha256_file(stage.path / name) for name in (mm.WEIGHTS, OPTIMIZER_FILE)}
+        io.write_json(stage.path / "state.json", {"step": step, "fingerprint": key, "metrics": metrics,
+                                                  "files_sha256": hashes})
         if target.exists():  # written by an earlier attempt with other settings
             shutil.rmtree(target)
         stage.path.rename(target)  # one rename: a resume folder is complete or absent
@@ -273,12 +275,32 @@ def drop_resume_from(out: Path, step: int, key: str) -> Path | None:
     return kept[-1] if kept else None
 
 
+def _damage(folder: Path) -> str | None:
+    """Why a resume folder's tensor files do not match the sha256 its state.json
+    recorded (a file cut short by a crash of the node), or None when they do. States
+    written before the hashes were recorded are taken as they are."""
+    recorded = io.read_json(folder / "state.json").get("files_sha256", {})
+    for name, expected in recorded.items():
+        file = folder / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if io.sha256_file(file) != expected:
+            return f"{name} does not match its sha256"
+    return None
+
+
 def latest_resume(out: Path, key: str) -> Path | None:
-    """The newest complete resume folder written for the same inputs, if any."""
+    """The newest intact resume folder written for the same inputs, if any: a damaged
+    one is passed over, with a warning, for the one before it."""
     ours, others = _states(out, key)
     for folder in others:
         log.warning("ignoring resume state %s: it was written for other inputs or settings", folder)
-    return ours[-1] if ours else None
+    for folder in reversed(ours):
+        why = _damage(folder)
+        if why is None:
+            return folder
+        log.warning("ignoring resume state %s: %s (truncated or corrupt); trying the one before it", folder, why)
+    return None
 
 
 class _Preemption:
@@ -439,7 +461,7 @@ def train(
         load_optimizer_state(engine.module, optimizer, resume / OPTIMIZER_FILE)
         carried = moment_count(seed_moments) if seed_moments else 0  # what the first attempt carried
     elif seed_moments:
-        carried = load_optimizer_state(engine.module, optimizer, seed_moments)
+        carried = load_optimizer_state(engine.module, optimizer, mm.verify_file(init, OPTIMIZER_FILE))
     rank0 = engine.global_rank == 0
     micro = phase.batch_size // world
     mine = slice(engine.global_rank * micro, (engine.global_rank + 1) * micro)  # this rank's share of a batch
@@ -544,12 +566,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--init", type=Path, help="checkpoint to continue from (the seed)")
     parser.add_argument("--pretrained", help="seed only: a Hugging Face model name or folder to import instead of training")
     parser.add_argument("--unit", action="append", default=[], help="SHARD_PREFIX:UNIT_INDEX of a base unit (repeatable)")
-    parser.add_argument("--unit-tokens", type=int, required=False, help="tokens per unit (the seed: its token budget)")
+    parser.add_argument("--unit-tokens", type=io.whole(1), help="tokens per unit (the seed: its token budget)")
     parser.add_argument("--model-json", default="{}", help="the config's model section")
     parser.add_argument("--train-json", default="{}", help="the config's train section (optimizer, engine)")
     parser.add_argument("--phase-json", default="{}", help="the phase's schedule: train.seed_phase or train.continued")
     parser.add_argument("--meta-json", default="{}", help="what the data is (partitions, units), for the sidecar")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=io.whole(0), default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--checkpoint-every", type=int,
                         help="steps between resume states (overrides the train section's checkpoint_every)")
@@ -557,6 +579,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="data-parallel ranks, started through the DeepSpeed launcher (one per GPU)")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by the DeepSpeed launcher
     args = parser.parse_args(argv)
+    if not args.pretrained and not args.unit:
+        parser.error("--unit is required to train (or, for a seed, --pretrained to import one)")
+    if not args.pretrained and args.unit_tokens is None:
+        parser.error("--unit-tokens is required with --unit")
+    if args.pretrained and args.kind != "seed":
+        parser.error(f"--pretrained imports a seed, not a {args.kind} model: use --kind seed")
     if args.processes > 1 and "RANK" not in os.environ:
         rest = list(sys.argv[1:] if argv is None else argv)
         keep = [a for i, a in enumerate(rest)
