@@ -405,11 +405,16 @@ def ind_eval_csv(partition):
     return f"results/ppl/ind/{partition}.csv"
 
 
-# The ind models' own scores (proxies mean_ind and ind_id) are judged against seq models.
-# A proxies-only study trains and scores them only to rank by one of those proxies: for
-# a several-unit partition an ind model costs as much training as all its units.
+# The ind models' own scores (proxies mean_ind and ind_id) are judged against seq models,
+# the small ones or a size transfer's large ones. A proxies-only study trains and scores
+# them only to rank by one of those proxies: for a several-unit partition an ind model
+# costs as much training as all its units.
 IND_PROXIES = ("mean_ind", "ind_id")
-SCORE_IND = bool(SEQ_MIXTURES) or config["analysis"]["rank_by"] in IND_PROXIES
+SCORE_IND = (
+    bool(SEQ_MIXTURES)
+    or bool(TRANSFER_MIXTURES)
+    or config["analysis"]["rank_by"] in IND_PROXIES
+)
 
 
 def all_ppl_csvs():

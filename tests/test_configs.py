@@ -114,6 +114,21 @@ def test_config_validates_and_plans_exactly_its_study(path, tmp_path):
     assert not (tmp_path / "work").exists()
 
 
+def test_a_size_transfer_without_small_seq_models_still_scores_the_ind_models(tmp_path):
+    """mean_ind and ind_id are proxies of the large seq models too: with mixtures.seq
+    false they went missing from the transfer tables without a word."""
+    config = mc.load(str(REPO / "configs/study_5.4_size_transfer.yaml"))
+    config["mixtures"]["seq"] = False
+    path = tmp_path / "transfer_noseq.yaml"
+    path.write_text(yaml.safe_dump(config))
+    done = snakemake(tmp_path, "-n", "--configfile", str(path))
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    planned = job_stats(done.stdout + done.stderr)
+    assert "seq" not in planned and planned["analyze_transfer"] == 1
+    parts = mc.partitions(config)
+    assert planned.get("evaluate_unit", 0) + planned.get("evaluate_ind", 0) == len(parts) > 0
+
+
 def test_study_designs_match_the_paper():
     """What each study is for, checked on the config's own mixtures."""
     def load(name):

@@ -80,6 +80,11 @@ def test_paths_map_to_stages_and_models():
     assert ledger.sidecar_model("work/models/unit/docs/a/0/mergemix.json") == ("unit", "docs/a/0")
     assert ledger.sidecar_model("work/models/seed/mergemix.json") == ("seed", "seed")
     assert ledger.sidecar_model("work/models/merged/micro/a+b/mergemix.json") is None
+    # sources, partitions or folders above the study named like the anchors
+    assert ledger.sidecar_model("work/models/unit/models/seq/0/mergemix.json") == ("unit", "models/seq/0")
+    assert ledger.sidecar_model("/data/models/study/work/models/seq/a+b/mergemix.json") == ("seq", "a+b")
+    assert ledger.benchmark_stage("results/benchmarks/train/unit/src/benchmarks/0.tsv") == ("unit_train", "src/benchmarks/0")
+    assert ledger.benchmark_stage("/benchmarks/x/results/benchmarks/train/seq/a+b.tsv") == ("seq_train", "a+b")
 
 
 def test_ledger_by_hand(tmp_path):
@@ -121,8 +126,11 @@ def test_ledger_by_hand(tmp_path):
     md = (out / "efficiency.md").read_text()
     caption = md.splitlines()[0]
     assert caption.startswith("Efficiency")
-    # training 96 / 36, with scoring 114 / 44; all candidates 192 / 36 and 228 / 52
-    for ratio in ("training 2.67, with scoring 2.59", "C(4, 2) = 6", "training 5.33, with scoring 4.38"):
+    # rank-seconds (a+b trained on 2 ranks): training 141 / 36, with scoring (141 + 18) / 44; all
+    # candidates 282 / 36 and (282 + 36) / 52. Wall seconds: 96 / 36, 114 / 44; 192 / 36, 228 / 52
+    for ratio in ("rank-seconds: training 3.92, with scoring 3.61; wall seconds: training 2.67, with scoring 2.59",
+                  "C(4, 2) = 6",
+                  "rank-seconds: training 7.83, with scoring 6.12; wall seconds: training 5.33, with scoring 4.38"):
         assert ratio in caption, ratio
     assert "| all candidates | total | seq | projected |  | 228.0 | 0.063 | " in md
 
@@ -158,6 +166,29 @@ def test_several_merge_methods_are_charged_as_one_proxy(tmp_path):
     assert scoring["item"] == "scoring: merged models (mean of 2 merge methods)"
     assert scoring["seconds"] == pytest.approx(12.0) and scoring["jobs"] == 2
     assert pick(rows, "all candidates", "modular", "scoring")["seconds"] == pytest.approx(24.0)  # 4 s x 6
+
+
+def test_the_merged_method_is_charged_the_ind_models_it_averages(tmp_path):
+    bench, models = write_study(tmp_path)
+    for rel, seconds in (("train/ind/d.tsv", 30.0), ("evaluate/merged/merged/b/0.tsv", 4.0)):
+        path = bench / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(HEADER + f"{seconds:.2f}\t0:00:00\t1\t1\t1\t1\t0\t0\t0\t{seconds}\n")
+    (models / "ind/d").mkdir(parents=True)
+    (models / "ind/d/mergemix.json").write_text(json.dumps({"kind": "ind", "tokens": 300}))
+    stages = ledger.measure(*ledger.collect_paths([bench, models]))
+    rows = ledger.ledger(stages, partitions=4, k=2, mixtures=3)
+    # methods merged and micro: half the ind model's 30 s and 300 tokens on top of the units' 36 s, 300
+    train = pick(rows, "studied", "modular", "training")
+    assert "ind models for the merged method (1/2 of them" in train["item"]
+    assert (train["jobs"], train["seconds"], train["tokens"]) == (4, 51.0, 450.0)
+    # scoring: (3 + 5 + 4) s / (3 mixtures x 2 methods) = 2 s a mixture
+    assert pick(rows, "studied", "modular", "total")["seconds"] == pytest.approx(51.0 + 6.0)
+    assert pick(rows, "all candidates", "modular", "training")["seconds"] == 51.0  # does not grow
+    # without the merged method the ind model stays a baseline cost
+    stages["merged_eval"] = ledger.measure([bench / "evaluate/merged/micro/b/0.tsv"], [])["merged_eval"]
+    rows = ledger.ledger(stages, partitions=4, k=2, mixtures=3)
+    assert pick(rows, "studied", "modular", "training")["seconds"] == 36.0
 
 
 def test_fixed_partitions_shrink_the_candidates(tmp_path):

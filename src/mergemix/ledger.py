@@ -38,7 +38,13 @@ the number of methods found among the benchmark files.
 
 The seed is shared by both approaches and appears in ``measured`` only. ind
 models (partitions of several units trained alone) serve the ``mean_ind`` and
-``ind_id`` baselines, not the modular method, and are listed apart.
+``ind_id`` baselines, and are listed apart, except where ``merged`` is among the
+merge methods: that method averages the ind models, so their training is charged
+to the modular side, as the mean over methods is (1/n of it for n methods).
+
+The ratios of the caption divide rank-seconds (GPU-seconds on GPUs, the paper's
+GPU-hours: a seq model trained on 4 GPUs costs 4x its wall time), then wall
+seconds; on one process per job the two agree.
 
 Command line::
 
@@ -59,7 +65,7 @@ import logging
 import math
 import sys
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from io import StringIO
 from pathlib import Path
@@ -92,16 +98,25 @@ class LedgerError(ValueError):
 # reading
 
 
-def _tail(path: Path, anchor: str) -> list[str] | None:
-    """Path components after the last ``anchor`` folder, or None."""
+def _tails(path: Path, anchor: str) -> Iterator[list[str]]:
+    """Path components after each ``anchor`` folder, the first occurrence first.
+
+    The callers take the first tail that parses: a source or partition may be named
+    ``models`` or ``benchmarks`` (``work/models/unit/models/seq/0``), and a study may
+    live under a folder of that name (``/data/models/study/work/models/...``).
+    """
     parts = path.parts
-    for i in range(len(parts) - 1, -1, -1):
-        if parts[i] == anchor:
-            return list(parts[i + 1:])
-    return None
+    for i, part in enumerate(parts):
+        if part == anchor:
+            yield list(parts[i + 1:])
 
 
 def benchmark_stage(path: str | Path) -> tuple[str, str] | None:
+    """(stage, model id) of a benchmark TSV from its path under ``benchmarks/``; see _stage."""
+    return next(filter(None, map(_stage, _tails(Path(path), "benchmarks"))), None)
+
+
+def _stage(tail: list[str]) -> tuple[str, str] | None:
     """(stage, model id) of a benchmark TSV from its path under ``benchmarks/``.
 
     The id matches the checkpoint folder under ``work/models/<kind>/`` (e.g.
@@ -109,10 +124,9 @@ def benchmark_stage(path: str | Path) -> tuple[str, str] | None:
     training benchmark finds its sidecar. None for a path outside the layout
     of rules/train.smk, rules/evaluate.smk and rules/merge.smk.
     """
-    tail = _tail(Path(path), "benchmarks")
     if not tail or not tail[-1].endswith(".tsv"):
         return None
-    tail[-1] = tail[-1][: -len(".tsv")]
+    tail = [*tail[:-1], tail[-1][: -len(".tsv")]]
     head, rest = tail[0], tail[1:]
     if head == "train":
         if rest == ["seed"]:
@@ -135,11 +149,10 @@ def benchmark_stage(path: str | Path) -> tuple[str, str] | None:
 
 def sidecar_model(path: str | Path) -> tuple[str, str] | None:
     """(kind, id) of a checkpoint sidecar from its path under ``models/``, or None."""
-    tail = _tail(Path(path), "models")
-    if not tail or tail[-1] != SIDECAR or len(tail) < 2:
-        return None
-    kind, ident = tail[0], "/".join(tail[1:-1]) or tail[0]
-    return (kind, ident) if kind in ("seed", "unit", "ind", "seq") else None
+    for tail in _tails(Path(path), "models"):
+        if len(tail) >= 2 and tail[-1] == SIDECAR and tail[0] in ("seed", "unit", "ind", "seq"):
+            return tail[0], "/".join(tail[1:-1]) or tail[0]
+    return None
 
 
 def read_benchmark(path: str | Path) -> float:
@@ -311,14 +324,27 @@ def ledger(stages: dict[str, Stage], partitions: int | None = None, k: int | Non
     unit = stages["unit_train"]
     scored = stages["merged_eval"]
     # one merged model per mixture: with several merge methods, the mean over them
-    n_methods = max(1, len(merge_methods(scored)))
+    methods = merge_methods(scored)
+    n_methods = max(1, len(methods))
+    if "merged" in methods:  # that method's inputs are the ind models
+        ind = stages["ind_train"]
+        share = 1 / n_methods
+        unit_item = ("training: unit models, and ind models for the merged method"
+                     + (f" (1/{n_methods} of them: mean of {n_methods} merge methods)" if n_methods > 1 else "")
+                     + " (do not grow with mixtures)")
+        mod_train = (unit.seconds + share * ind.seconds, unit.rank_seconds + share * ind.rank_seconds,
+                     unit.tokens + share * ind.tokens)
+        mod_jobs = unit.jobs + ind.jobs
+    else:
+        unit_item = "training: unit models (do not grow with mixtures)"
+        mod_train = (unit.seconds, unit.rank_seconds, unit.tokens)
+        mod_jobs = unit.jobs
     per_mix = {a: (getattr(scored, a) / (m * n_methods) if m else nan) for a in ("seconds", "rank_seconds")}
     score_item = "scoring: merged models" + (f" (mean of {n_methods} merge methods)" if n_methods > 1 else "")
     for section, count in (("studied", m), ("all candidates", n_candidates)):
         # measured where the run did exactly this many (a study of every candidate)
         basis_seq = "measured" if seq_t.jobs == count else "projected"
         basis_mod = "measured" if count == m else "projected"
-        mod_train = (unit.seconds, unit.rank_seconds, unit.tokens)
         mod_score = (per_mix["seconds"] * count, per_mix["rank_seconds"] * count, nan)
         if basis_seq == "measured":
             seq_train = (seq_t.seconds, seq_t.rank_seconds, seq_t.tokens)
@@ -331,8 +357,7 @@ def ledger(stages: dict[str, Stage], partitions: int | None = None, k: int | Non
         else:
             seq_score = (mean(seq_e, "seconds") * count, mean(seq_e, "rank_seconds") * count, nan)
         rows += [
-            _row(section, "training: unit models (do not grow with mixtures)", "modular", "measured",
-                 count, unit.jobs, *mod_train),
+            _row(section, unit_item, "modular", "measured", count, mod_jobs, *mod_train),
             _row(section, score_item, "modular", basis_mod, count,
                  scored.jobs / n_methods if basis_mod == "measured" else nan, *mod_score),
             _row(section, "total", "modular", basis_mod, count, nan, *_total(mod_train, mod_score)),
@@ -371,12 +396,26 @@ def _md_num(v: float, digits: int = 0) -> str:
     return f"{v:,.{digits}f}"
 
 
-def ratio(rows: list[dict], section: str, what: str = "total") -> float:
-    """Seq seconds over modular seconds in ``section`` for ``what``: "total" or "training"."""
-    tot = {r["approach"]: r["seconds"] for r in rows
+def ratio(rows: list[dict], section: str, what: str = "total", column: str = "rank_seconds") -> float:
+    """Seq over modular ``column`` (rank_seconds or seconds) in ``section`` for ``what``:
+    "total" or "training"."""
+    tot = {r["approach"]: r[column] for r in rows
            if r["section"] == section and r["item"].startswith(what)}
     mod, seq = tot.get("modular", float("nan")), tot.get("seq", float("nan"))
     return seq / mod if mod and math.isfinite(mod) and math.isfinite(seq) else float("nan")
+
+
+def ratios(rows: list[dict], section: str) -> str:
+    """The caption's seq/modular ratios of ``section``: rank-seconds (the paper's
+    GPU-hours), then wall seconds where they differ (data-parallel jobs)."""
+    def pair(column: str) -> str:
+        return (f"training {_md_num(ratio(rows, section, 'training', column), 2)}, "
+                f"with scoring {_md_num(ratio(rows, section, 'total', column), 2)}")
+
+    text = f"seq/modular rank-seconds: {pair('rank_seconds')}"
+    if pair("seconds") != pair("rank_seconds"):
+        text += f"; wall seconds: {pair('seconds')}"
+    return text
 
 
 def ledger_markdown(rows: list[dict], partitions: int, k: int | None, fixed: int = 0) -> str:
@@ -388,10 +427,8 @@ def ledger_markdown(rows: list[dict], partitions: int, k: int | None, fixed: int
         f"Efficiency (paper section 5.5): measured wall seconds (rank-seconds: x data-parallel ranks) and "
         f"tokens trained per stage, then the modular method (unit models trained once, merged models scored) "
         f"against one seq model trained and scored per mixture, for the {studied} studied mixtures "
-        f"(seq/modular seconds: training {_md_num(ratio(rows, 'studied', 'training'), 2)}, with scoring "
-        f"{_md_num(ratio(rows, 'studied'), 2)}) and all {space} = {cand} candidate mixtures "
-        f"(training {_md_num(ratio(rows, 'all candidates', 'training'), 2)}, with scoring "
-        f"{_md_num(ratio(rows, 'all candidates'), 2)}); the seed is shared and counted in neither."
+        f"({ratios(rows, 'studied')}) and all {space} = {cand} candidate mixtures "
+        f"({ratios(rows, 'all candidates')}); the seed is shared and counted in neither."
     )
     lines = [caption, "", "| section | item | approach | basis | jobs | seconds | hours | rank-seconds | tokens |",
              "|:--|:--|:--|:--|--:|--:|--:|--:|--:|"]
