@@ -8,6 +8,7 @@ import glob
 import importlib.util
 import json
 import os
+import re
 import shlex
 import sys
 
@@ -129,6 +130,10 @@ def load_spec(group, name):
     return config["sources"][group]
 
 
+# A data file datasets reads by URL (hf://, s3://, https://...): not an input Snakemake checks.
+REMOTE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
 def get_raw_inputs(wildcards):
     """Files a partition job reads: a demo recipe's parquet, or the user's local files
     (glob patterns expanded to the files they match; remote files are not inputs)."""
@@ -137,7 +142,7 @@ def get_raw_inputs(wildcards):
         return [f"work/raw/{load['demo']}.parquet"]
     files = []
     for f in load.get("data_files") or []:
-        if f.startswith(("hf://", "http://", "https://")):
+        if REMOTE.match(f):
             continue
         files.extend(
             sorted(glob.glob(f, recursive=True)) if set("*?[") & set(f) else [f]

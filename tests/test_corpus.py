@@ -113,6 +113,21 @@ def test_partition_by_one_column_with_merging_rename(tmp_path: Path, docs_jsonl:
     assert sorted(summary["early"]["raw_keys"]) == ["1790s", "1800s"]
 
 
+def test_text_past_32_bit_offsets_is_taken_as_large_strings(tmp_path: Path, docs_jsonl: Path, monkeypatch) -> None:
+    """Past 2 GiB of text (one partition of the paper config's C4 seed corpus), taking a
+    partition's rows joined string chunks beyond their 32-bit offsets and pyarrow raised
+    'offset overflow'. The switch to 64-bit offsets is tried here at a threshold of 0
+    (the 2 GiB case itself, run by hand, took 34 s and 11 GB of memory)."""
+    small = write_partitions(make_spec([docs_jsonl]), tmp_path / "small")
+    monkeypatch.setattr(corpus, "_LARGE_TEXT_BYTES", 0)
+    large = write_partitions(make_spec([docs_jsonl]), tmp_path / "large")
+    assert large == small
+    for name in ("1850s", "1860s", "early"):
+        table = pq.read_table(tmp_path / "large" / f"{name}.parquet")
+        assert table.schema.field("text").type == pa.large_string()
+        assert table.to_pylist() == pq.read_table(tmp_path / "small" / f"{name}.parquet").to_pylist()
+
+
 def test_partition_by_two_columns_parquet(tmp_path: Path) -> None:
     table = pa.table(
         {
@@ -228,6 +243,15 @@ def test_unreadable_parquet_names_the_file(tmp_path: Path, docs_jsonl: Path) -> 
         write_partitions(spec, out)
     assert "bad.parquet" in str(info.value)
     assert "good.parquet" not in str(info.value)
+    assert_no_outputs(out)
+
+
+def test_a_wrong_split_of_one_good_file_is_not_blamed_on_the_file(tmp_path: Path, docs_jsonl: Path) -> None:
+    out = tmp_path / "out"
+    spec = make_spec([docs_jsonl], load={"path": "json", "data_files": [str(docs_jsonl)], "split": "validation"})
+    with pytest.raises(CorpusError) as info:
+        write_partitions(spec, out)
+    assert "check the name, split" in str(info.value) and "cannot read data file" not in str(info.value)
     assert_no_outputs(out)
 
 

@@ -810,6 +810,7 @@ def _parse_spec(spec: Mapping[str, Any]) -> _PartitionSpec:
 
 
 _REMOTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_LARGE_TEXT_BYTES = 2**31 - 1  # above this a text column goes to large_string (64-bit offsets)
 _GLOB_CHARS = set("*?[")
 _JSON_SUFFIXES = (".json", ".jsonl", ".ndjson", ".json.gz", ".jsonl.gz", ".ndjson.gz")
 
@@ -928,16 +929,15 @@ def _load_table(ps: _PartitionSpec) -> pa.Table:
     try:
         dataset = datasets.load_dataset(ps.path, name=ps.name, data_files=ps.data_files, split=ps.split)
     except load_errors as err:
+        # Blame a file only if it fails alone (a local file loads as split "train");
+        # otherwise the name, the split or the network is at fault.
         culprit = None
-        if len(files) > 1:
-            for path in files:
-                try:
-                    datasets.load_dataset(ps.path, name=ps.name, data_files=[str(path)], split="train")
-                except load_errors:
-                    culprit = path
-                    break
-        elif len(files) == 1:
-            culprit = files[0]
+        for path in files:
+            try:
+                datasets.load_dataset(ps.path, name=ps.name, data_files=[str(path)], split="train")
+            except load_errors:
+                culprit = path
+                break
         if culprit is not None:
             raise CorpusError(
                 f"cannot read data file {culprit} of source '{ps.source}' ({_root_reason(err)}); "
@@ -1040,7 +1040,12 @@ def write_partitions(spec: dict, out_dir: Path, write_summary: bool = True) -> d
 
     table = table.select([ps.text_column, *ps.partition_by])
     text = table[ps.text_column]
-    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+    if not pa.types.is_large_string(text_type) and sum(chunk.nbytes for chunk in text.chunks) >= _LARGE_TEXT_BYTES:
+        # string offsets are 32-bit: taking a partition's rows joins the chunks, which
+        # fails past 2 GiB of text ("offset overflow while concatenating arrays")
+        text = text.cast(pa.large_string())
+        table = table.set_column(0, ps.text_column, text)
+    elif not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
         text = text.cast(pa.string())  # string_view: not every parquet reader supports it
         table = table.set_column(0, ps.text_column, text)
     keep = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0), False)
@@ -1069,7 +1074,8 @@ def write_partitions(spec: dict, out_dir: Path, write_summary: bool = True) -> d
         groups = [g for g in range(len(raw_keys)) if names[g] == part and counts[g] > 0]
         if not groups:
             raise CorpusError(
-                f"partition '{part}' of source '{ps.source}' is empty: available partitions are "
+                f"partition '{part}' of source '{ps.source}' is empty: available partitions (the documents' keys, "
+                f"after the rename entries that name '{part}') are "
                 f"{_format_available(available)}; fix 'partitions' or 'rename' in config.yaml"
             )
         rows = np.flatnonzero(np.isin(group_ids, groups))
@@ -1081,7 +1087,9 @@ def write_partitions(spec: dict, out_dir: Path, write_summary: bool = True) -> d
         selected[part] = (rows, [raw_keys[g] for g in groups] if ps.partition_by else [])
     ignored = sorted(set(available) - set(ps.partitions))
     if ignored:
-        log.info("source '%s': not writing unlisted partitions %s", ps.source, ", ".join(ignored))
+        # A workflow job writes one partition and gets only its rename entries: these keys
+        # are other listed partitions' (under their raw names) or unused.
+        log.info("source '%s': keys not written by this job: %s", ps.source, ", ".join(ignored))
 
     out_dir = Path(out_dir)
     summary: dict[str, dict[str, Any]] = {}
