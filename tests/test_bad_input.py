@@ -497,6 +497,19 @@ def test_full_disk_while_saving_a_merge(tmp_path, tiny_model_config, tiny_disk):
     assert (tiny_disk / "mine.txt").read_text().startswith("a file of the user's")
 
 
+def test_full_disk_while_writing_token_shards(tmp_path, tiny_disk, texts, tokenizer_dir):
+    """Token shards are streamed to disk batch by batch: a failed write names the shard."""
+    part = tmp_path / "parts" / "docs.parquet"
+    part.parent.mkdir()
+    pl.DataFrame({"text": [t for docs in texts.values() for t in docs]}).write_parquet(part)
+    (tiny_disk / "mine.txt").write_text("a file of the user's that must survive\n")
+    out = tiny_disk / "docs"
+    line = error_line(run("-m", "mergemix.tokenize", "shards", "--input", str(part), "--tokenizer", str(tokenizer_dir),
+                          "--out-dir", str(out), "--heldout-fraction", "0.1", "--segment-chars", "2000"))
+    assert "no space left" in line and str(out / "train.bin") in line, line
+    assert files_under(tiny_disk) == {"mine.txt"}
+
+
 def test_full_disk_while_writing_a_table(tmp_path, tiny_disk):
     """Tables, shards and sidecars go through io.write_bytes, whose failed write() names no
     file: the message must still name the output, and leave nothing partial."""

@@ -69,3 +69,22 @@ def test_shards_hold_every_document_once(tmp_path, texts, tokenizer_dir):
     assert "".join(sorted(decoded)).replace("\n", "").replace(" ", "") != ""
     whole = "".join(decoded).replace("\n", "").replace(" ", "")
     assert sorted(whole) == sorted("".join(docs).replace("\n", "").replace(" ", ""))
+
+
+def test_shards_written_batch_by_batch_are_the_bytes_of_one_batch(tmp_path, texts, tokenizer_dir, monkeypatch):
+    """write_shard encodes and writes ENCODE_BATCH segments at a time; the split into
+    batches changes no byte, and a rewrite with the same bytes keeps the files' times."""
+    from mergemix import tokenize
+
+    part = tmp_path / "src" / "p.parquet"
+    part.parent.mkdir()
+    pl.DataFrame({"text": texts["subprocess"] + texts["typing"]}).write_parquet(part)
+    make_shards(part, tokenizer_dir, tmp_path / "whole", heldout_fraction=0.25, segment_chars=300, seed=0)
+    monkeypatch.setattr(tokenize, "ENCODE_BATCH", 7)
+    sides = make_shards(part, tokenizer_dir, tmp_path / "batched", heldout_fraction=0.25, segment_chars=300, seed=0)
+    assert sides["train"]["n_docs"] > 7 * 3
+    for name in ("train.bin", "train.idx", "train.json", "heldout.bin", "heldout.idx", "heldout.json"):
+        assert (tmp_path / "batched" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    times = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "batched").iterdir()}
+    make_shards(part, tokenizer_dir, tmp_path / "batched", heldout_fraction=0.25, segment_chars=300, seed=0)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "batched").iterdir()} == times

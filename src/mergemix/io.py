@@ -126,6 +126,58 @@ def write_bytes(path: str | Path, data: bytes, only_if_changed: bool = True) -> 
     return True
 
 
+class StreamedFile:
+    """write_bytes for data that arrives in pieces: `with StreamedFile(path) as out:
+    out.write(chunk)` writes a temporary beside `path`, hashing as it goes, and on a
+    clean exit flushes it to disk and renames it into place, unless `path` already
+    holds the same bytes (then it is left as it is, as write_bytes does). On an error
+    the temporary goes and `path` is untouched. `sha256` is the hex digest after exit.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.sha256 = ""
+        self._digest = hashlib.sha256()
+        self._size = 0
+
+    def __enter__(self) -> "StreamedFile":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        clear_stale(self.path)
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self._fh = os.fdopen(fd, "wb")
+        return self
+
+    def write(self, data: bytes) -> None:
+        try:
+            self._fh.write(data)
+        except OSError as exc:  # a failed write() names no file
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
+        self._digest.update(data)
+        self._size += len(data)
+
+    def __exit__(self, exc_type, exc_value, tb) -> None:
+        tmp = Path(self._tmp)
+        try:
+            if exc_type is None:
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+            self._fh.close()
+            if exc_type is not None:
+                return
+            self.sha256 = self._digest.hexdigest()
+            if self.path.is_file() and self.path.stat().st_size == self._size and sha256_file(self.path) == self.sha256:
+                usual_mode(self.path)
+                return
+            usual_mode(tmp)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            if exc.filename is None:  # a failed write() or fsync() names no file
+                raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
 def write_text(path: str | Path, text: str, only_if_changed: bool = True) -> bool:
     return write_bytes(path, text.encode("utf-8"), only_if_changed)
 

@@ -139,29 +139,41 @@ def _encode(tok, texts: list[str]) -> list[list[int]]:
     return [enc.ids for enc in tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
 
 
+ENCODE_BATCH = 4096  # segments tokenized and written at a time
+
+
 def write_shard(tok, texts: list[str], out_prefix: Path, meta: dict) -> dict:
-    """Tokenize `texts` (already segmented) into `{prefix}.bin/.idx/.json`; each ends with EOS."""
+    """Tokenize `texts` (already segmented) into `{prefix}.bin/.idx/.json`; each ends with EOS.
+
+    Tokens are encoded and written ENCODE_BATCH segments at a time, so memory holds the
+    text and one batch of token lists, not a Python list per token of the whole split
+    (about 36 bytes a token: a 1B-token partition would need 36 GB).
+    """
     eos = tok.eos_token_id
-    ids = _encode(tok, texts) if texts else []
-    lengths = np.array([len(x) + 1 for x in ids], dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(ids) else np.zeros(0, np.int64)
-    n_bytes = np.array([len(t.encode("utf-8")) for t in texts], dtype=np.int64)
     vocab = len(tok)
     dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32
-    flat = np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=dtype, count=int(lengths.sum()))
-    index = np.stack([starts, n_bytes], axis=1).astype(np.int64) if len(ids) else np.zeros((0, 2), np.int64)
-    data, rows = flat.tobytes(), index.tobytes()
-    io.write_bytes(out_prefix.with_suffix(".bin"), data)
+    lengths = np.zeros(len(texts), dtype=np.int64)
+    with io.StreamedFile(out_prefix.with_suffix(".bin")) as out:
+        for lo in range(0, len(texts), ENCODE_BATCH):
+            ids = _encode(tok, texts[lo : lo + ENCODE_BATCH])
+            lengths[lo : lo + len(ids)] = [len(x) + 1 for x in ids]
+            flat = np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=dtype,
+                               count=int(lengths[lo : lo + len(ids)].sum()))
+            out.write(flat.tobytes())
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(texts) else np.zeros(0, np.int64)
+    n_bytes = np.array([len(t.encode("utf-8")) for t in texts], dtype=np.int64)
+    index = np.stack([starts, n_bytes], axis=1).astype(np.int64) if len(texts) else np.zeros((0, 2), np.int64)
+    rows = index.tobytes()
     io.write_bytes(out_prefix.with_suffix(".idx"), rows)
     # The sidecar is written last and carries the hashes of the other two files, so it
     # changes exactly when they do: a rule may depend on it alone (evaluation jobs do,
     # which keeps a paper-scale DAG at one file per domain instead of three).
     sidecar = {
         **meta,
-        "bin_sha256": hashlib.sha256(data).hexdigest(),
+        "bin_sha256": out.sha256,
         "idx_sha256": hashlib.sha256(rows).hexdigest(),
         "dtype": np.dtype(dtype).name,
-        "n_tokens": int(flat.size),
+        "n_tokens": int(lengths.sum()),
         "n_docs": len(texts),
         "n_bytes": int(n_bytes.sum()),
         "vocab_size": vocab,
