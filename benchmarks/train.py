@@ -145,7 +145,7 @@ def torch_loop(folder: Path, name: str, device: str, precision: str, out: Path) 
     model.train()
     started, log = time.perf_counter(), []
     for step in range(steps):
-        batch = torch.from_numpy(data[order[step * batch_size : (step + 1) * batch_size]]).to(device)
+        batch = torch.from_numpy(data[order[step * batch_size : (step + 1) * batch_size]].astype(np.int64)).to(device)
         with autocast:
             loss = window_loss(forward, batch)
         loss.backward()

@@ -8,9 +8,16 @@
 # params and the command text) Snakemake does not watch: changing them retrains nothing.
 CHECKPOINT_EVERY = config["train"]["checkpoint_every"]
 ENGINE_KEYS = ("precision", "zero_stage", "betas", "weight_decay", "grad_clip")
+# train.micro_batch joins them when set: it changes the order of float sums (left out
+# when null, so studies from before it existed keep their params).
+ENGINE = {k: config["train"][k] for k in ENGINE_KEYS} | (
+    {"micro_batch": config["train"]["micro_batch"]}
+    if config["train"].get("micro_batch")
+    else {}
+)
 TRAIN_FLAGS = (
     f"--tokenizer work/tokenizer --model-json {json_flag(config['model'])}"
-    f" --train-json {json_flag({k: config['train'][k] for k in ENGINE_KEYS})} --seed {config['random_seed']}"
+    f" --train-json {json_flag(ENGINE)} --seed {config['random_seed']}"
 )
 CONTINUED = f"--init work/models/seed --phase-json {json_flag(config['train']['continued'])} --unit-tokens {config['train']['unit_tokens']}"
 SEED_PHASE = {k: v for k, v in config["train"]["seed_phase"].items() if k != "tokens"}

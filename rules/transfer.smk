@@ -9,7 +9,7 @@
 LARGE_MODEL = {**config["model"], **TRANSFER["model"]}
 LARGE_FLAGS = (
     f"--tokenizer work/tokenizer --model-json {json_flag(LARGE_MODEL)}"
-    f" --train-json {json_flag({k: config['train'][k] for k in ENGINE_KEYS})} --seed {config['random_seed']}"
+    f" --train-json {json_flag(ENGINE)} --seed {config['random_seed']}"
 )
 LARGE_SEED_PHASE = {k: v for k, v in TRANSFER["seed_phase"].items() if k != "tokens"}
 

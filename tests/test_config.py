@@ -234,3 +234,17 @@ def test_a_warm_up_is_checked_against_the_shortest_run_of_its_phase():
     # the large seq models train on k units or more: a warm-up longer than one unit is fine there
     cfg["transfer"]["continued"]["warmup_steps"] = unit_steps + 10
     mc.validate(cfg)
+
+
+def test_micro_batch_must_divide_every_batch():
+    cfg = mc.load(str(REPO / "configs/study_5.4_size_transfer.yaml"))
+    batches = {cfg["train"]["seed_phase"]["batch_size"], cfg["train"]["continued"]["batch_size"],
+               cfg["transfer"]["seed_phase"]["batch_size"], cfg["transfer"]["continued"]["batch_size"]}
+    cfg["train"]["micro_batch"] = min(batches)  # 8: divides 16 and 8
+    mc.validate(cfg)
+    cfg["transfer"]["continued"]["batch_size"] = min(batches) * 3 + 1
+    with pytest.raises(mc.ConfigError, match=r"transfer.continued.batch_size \(\d+\) is not a multiple of train.micro_batch"):
+        mc.validate(cfg)
+    cfg["train"]["micro_batch"] = 0
+    with pytest.raises(mc.ConfigError, match=r"train.micro_batch"):
+        mc.validate(cfg)

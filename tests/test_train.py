@@ -76,6 +76,32 @@ def test_unit_continues_from_the_seed_with_its_optimizer_state(seed, shards, tok
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
+def test_micro_batches_accumulate_to_the_whole_batch(seed, shards, tokenizer_dir, tmp_path):
+    """train.micro_batch splits each step's batch into forward passes whose gradients
+    DeepSpeed averages: the same training as one pass, up to the order of float sums
+    (the paper config's 64 windows of 2048 tokens do not fit one GPU in one pass)."""
+    phase = {"batch_size": 4, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 3}
+    split = dict(TRAIN, micro_batch=2)
+    cmd = [sys.executable, "-m", "mergemix.train", "--model-json", json.dumps(MODEL), "--train-json", json.dumps(split),
+           "--threads", "1", "--kind", "seed", "--tokenizer", str(tokenizer_dir), "--unit", f"{shards}/argparse/train:0",
+           "--unit-tokens", "4000", "--phase-json", json.dumps(phase), "--out", str(tmp_path / "seed")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert mm.read_sidecar(tmp_path / "seed")["train"]["micro_batch"] == 2
+    whole, micro = load_file(seed / mm.WEIGHTS), load_file(tmp_path / "seed" / mm.WEIGHTS)
+    for name in whole:  # 31 AdamW steps apart by at most 2e-5 here
+        torch.testing.assert_close(micro[name], whole[name], rtol=1e-3, atol=1e-4)
+    assert any(not torch.equal(micro[k], whole[k]) for k in whole)  # two passes, other sums: not bit for bit
+    a = pl.read_csv(seed / "train_metrics.csv")["loss"].to_list()
+    b = pl.read_csv(tmp_path / "seed" / "train_metrics.csv")["loss"].to_list()
+    assert len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b)) < 1e-3
+    # a micro-batch that does not divide a process's share of the batch is refused, named
+    done = subprocess.run([*cmd[:6], json.dumps(dict(TRAIN, micro_batch=3)), *cmd[7:-1], str(tmp_path / "bad")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1 and "train.micro_batch (3)" in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]
+    assert not (tmp_path / "bad" / mm.WEIGHTS).exists()
+
+
 def test_damaged_seed_moments_are_refused_before_a_unit_trains(seed, shards, tokenizer_dir, tmp_path):
     """Every unit, ind and seq model carries the seed's AdamW moments over: one flipped
     bit there trained every model of a study from poisoned moments, without an error."""

@@ -175,6 +175,7 @@ def _check_semantics(config: dict[str, Any], merge_methods: list[str]) -> None:
     _check_phases(config["train"], "train")
     _check_engine(config)
     _check_warmup(config)
+    _check_micro_batch(config)
     transfer = config.get("transfer")
     if transfer:
         _check_model(transfer["model"], "transfer.model")
@@ -260,6 +261,22 @@ def _check_warmup(config: dict[str, Any]) -> None:
                 f"{steps} steps of {key}.batch_size x model.context_length, so the warm-up would take all of "
                 f"them and none would train at or decay from {key}.lr; lower the warm-up or raise the tokens"
             )
+
+
+def _check_micro_batch(config: dict[str, Any]) -> None:
+    """Every phase's batch is a whole number of micro-batches (a job of several processes
+    checks its share when it starts)."""
+    micro = config["train"].get("micro_batch")
+    if micro is None:
+        return
+    phases = [("train.seed_phase", config["train"]["seed_phase"]), ("train.continued", config["train"]["continued"])]
+    if config.get("transfer"):
+        phases += [("transfer.seed_phase", config["transfer"]["seed_phase"]),
+                   ("transfer.continued", config["transfer"]["continued"])]
+    for key, phase in phases:
+        if phase["batch_size"] % micro:
+            raise ConfigError(f"{key}.batch_size ({phase['batch_size']}) is not a multiple of train.micro_batch ({micro}): "
+                              "a batch is accumulated over whole micro-batches; choose a divisor of every batch_size")
 
 
 def _check_engine(config: dict[str, Any]) -> None:
@@ -553,7 +570,11 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     checkpoint_every: int = 50  # steps between resume states (0: none)
+    micro_batch: int | None = None  # windows per forward pass on a rank (None: its whole share of a batch)
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"train.precision must be fp32 or bf16, got {self.precision!r}")
+        if self.micro_batch is not None and (isinstance(self.micro_batch, bool) or not isinstance(self.micro_batch, int)
+                                             or self.micro_batch < 1):
+            raise ValueError(f"train.micro_batch must be a whole number >= 1 or null, got {self.micro_batch!r}")

@@ -74,7 +74,9 @@ def window_loss(model: Any, windows: torch.Tensor) -> torch.Tensor:
 
 
 def windows(units: list[str], unit_tokens: int, context: int, expect_tokenizer: str) -> np.ndarray:
-    """All training windows of the given base units, shape (N, context + 1), int64.
+    """All training windows of the given base units, shape (N, context + 1), in the
+    shards' dtype (uint16 for vocabularies up to 65,536: 2 bytes a token, not int64's 8;
+    a batch becomes int64 on its way to the model).
 
     Each unit is `unit_tokens` tokens of its shard's train stream (see
     `tokenize.unit_ranges`: disjoint while they fit, repeated when the partition is
@@ -89,7 +91,7 @@ def windows(units: list[str], unit_tokens: int, context: int, expect_tokenizer: 
             raise TrainError(f"token shard {prefix}.bin/.json is missing: run the tokenize rule first") from exc
         if meta["tokenizer_sha256"] != expect_tokenizer:
             raise TrainError(f"token shard {prefix} was made with another tokenizer than the model's: rerun tokenization")
-        stream = np.concatenate([np.asarray(tokens[a:b], dtype=np.int64) for a, b in unit_ranges(tokens.size, unit_tokens, index)])
+        stream = np.concatenate([np.asarray(tokens[a:b]) for a, b in unit_ranges(tokens.size, unit_tokens, index)])
         n = (stream.size - 1) // context
         if n < 1:
             raise TrainError(f"unit {spec} holds {stream.size} tokens, fewer than one window of {context + 1}: raise unit_tokens")
@@ -363,12 +365,25 @@ def launch(processes: int, argv: list[str]) -> int:
     return subprocess.call(cmd, env=env)
 
 
+def micro_batches(batch_size: int, tcfg: TrainConfig, world_size: int = 1) -> tuple[int, int]:
+    """(windows per forward pass, forward passes per step) on one rank: its share of a
+    batch in one pass, or in passes of train.micro_batch windows accumulated."""
+    share = batch_size // world_size
+    micro = tcfg.micro_batch or share
+    if share % micro:
+        raise TrainError(f"a process's share of a batch ({batch_size} windows over {world_size} processes: {share}) is not "
+                         f"a multiple of train.micro_batch ({micro}): choose a micro_batch that divides it")
+    return micro, share // micro
+
+
 def deepspeed_config(batch_size: int, tcfg: TrainConfig, world_size: int = 1) -> dict[str, Any]:
-    """One optimizer step per global batch of `batch_size` windows, split evenly over the ranks."""
+    """One optimizer step per global batch of `batch_size` windows, split evenly over the
+    ranks and accumulated over micro-batches (DeepSpeed averages their gradients)."""
+    micro, accumulate = micro_batches(batch_size, tcfg, world_size)
     config: dict[str, Any] = {
         "train_batch_size": batch_size,
-        "train_micro_batch_size_per_gpu": batch_size // world_size,
-        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulate,
         "gradient_clipping": tcfg.grad_clip,
         "zero_optimization": {"stage": tcfg.zero_stage},
         "bf16": {"enabled": tcfg.precision == "bf16"},
@@ -431,8 +446,11 @@ def train(
     )
     # checkpoint_every decides only when states are written, so it is not part of the key;
     # the shards' hashes are: a state trained on data since rebuilt is not resumed.
+    # micro_batch changes the sums' order: in the key when set (left out when not, so the
+    # states of runs from before it existed still match)
+    engine_key = {k: v for k, v in asdict(tcfg).items() if not (k == "micro_batch" and v is None)}
     key = fingerprint(kind=kind, units=units, data=unit_hashes(units), unit_tokens=unit_tokens, model=asdict(mcfg),
-                      train={**asdict(tcfg), "checkpoint_every": None}, phase=asdict(phase), seed=seed,
+                      train={**engine_key, "checkpoint_every": None}, phase=asdict(phase), seed=seed,
                       init=seed_sha, tokenizer=tok_hash)
     start, metrics = 0, []
     resume = latest_resume(out, key)
@@ -463,8 +481,9 @@ def train(
     elif seed_moments:
         carried = load_optimizer_state(engine.module, optimizer, mm.verify_file(init, OPTIMIZER_FILE))
     rank0 = engine.global_rank == 0
-    micro = phase.batch_size // world
-    mine = slice(engine.global_rank * micro, (engine.global_rank + 1) * micro)  # this rank's share of a batch
+    micro, _ = micro_batches(phase.batch_size, tcfg, world)
+    share = phase.batch_size // world
+    mine = slice(engine.global_rank * share, (engine.global_rank + 1) * share)  # this rank's share of a batch
     log.info("%s: %d windows, %d steps, %d optimizer tensors carried from %s", kind, len(data), steps, carried, init)
 
     tokens_seen = metrics[-1]["tokens"] if metrics else 0
@@ -475,19 +494,23 @@ def train(
     for step in bar:
         # The global batch is the same for any process count; each rank takes its slice.
         batch = data[order[step * phase.batch_size : (step + 1) * phase.batch_size]]
-        local = torch.from_numpy(batch[mine]).to(engine.device)
-        loss = window_loss(engine, local)
-        # Ranks agree on the batch loss before stepping: a non-finite loss stops them all.
-        mean_loss = _mean_over_ranks(loss, world)
-        if not math.isfinite(mean_loss):
-            good = drop_resume_from(out, step, key) if rank0 else None
-            kept = f"; the last good state ({good.name}) is kept in {good.parent}" if good else ""
-            raise TrainError(f"{kind} training loss is {mean_loss} at step {step}: lower the learning rate{kept}")
+        local = torch.from_numpy(batch[mine].astype(np.int64)).to(engine.device)
         lr = lr_at(step, steps, phase)  # a pure function of the step: nothing to restore on resume
         for group in optimizer.param_groups:
             group["lr"] = lr
-        engine.backward(loss)
-        engine.step()
+        losses = []
+        for chunk in local.split(micro):  # DeepSpeed steps the optimizer after the last one
+            loss = window_loss(engine, chunk)
+            # Ranks agree on each loss before its backward pass: a non-finite loss stops
+            # them all, before the step changes any weight.
+            losses.append(_mean_over_ranks(loss, world))
+            if not math.isfinite(losses[-1]):
+                good = drop_resume_from(out, step, key) if rank0 else None
+                kept = f"; the last good state ({good.name}) is kept in {good.parent}" if good else ""
+                raise TrainError(f"{kind} training loss is {losses[-1]} at step {step}: lower the learning rate{kept}")
+            engine.backward(loss)
+            engine.step()
+        mean_loss = sum(losses) / len(losses)
         # ... and on a pending SIGTERM once the step is done, so a signal that came during
         # it is acted on now (not a step later) and the ranks stop together.
         stop = _mean_over_ranks(torch.tensor(float(preemption.requested), device=engine.device), world) > 0
@@ -600,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
             import_seed(args.pretrained, args.tokenizer, args.out)
             return
         train_section = json.loads(args.train_json)
-        fields = ("precision", "zero_stage", "betas", "weight_decay", "grad_clip", "checkpoint_every")
+        fields = ("precision", "zero_stage", "betas", "weight_decay", "grad_clip", "checkpoint_every", "micro_batch")
         if args.checkpoint_every is not None:
             train_section["checkpoint_every"] = args.checkpoint_every
         tcfg = TrainConfig(**{k: train_section[k] for k in fields if k in train_section})
