@@ -8,7 +8,6 @@ import glob
 import importlib.util
 import json
 import os
-import re
 import shlex
 import sys
 
@@ -130,10 +129,6 @@ def load_spec(group, name):
     return config["sources"][group]
 
 
-# A data file datasets reads by URL (hf://, s3://, https://...): not an input Snakemake checks.
-REMOTE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
-
-
 def get_raw_inputs(wildcards):
     """Files a partition job reads: a demo recipe's parquet, or the user's local files
     (glob patterns expanded to the files they match; remote files are not inputs)."""
@@ -142,7 +137,7 @@ def get_raw_inputs(wildcards):
         return [f"work/raw/{load['demo']}.parquet"]
     files = []
     for f in load.get("data_files") or []:
-        if REMOTE.match(f):
+        if mmconfig.REMOTE_FILE.match(f):  # read by datasets: no input to check
             continue
         files.extend(
             sorted(glob.glob(f, recursive=True)) if set("*?[") & set(f) else [f]

@@ -82,9 +82,9 @@ def test_paths_map_to_stages_and_models():
     assert ledger.sidecar_model("work/models/merged/micro/a+b/mergemix.json") is None
     # sources, partitions or folders above the study named like the anchors
     assert ledger.sidecar_model("work/models/unit/models/seq/0/mergemix.json") == ("unit", "models/seq/0")
-    assert ledger.sidecar_model("/data/models/study/work/models/seq/a+b/mergemix.json") == ("seq", "a+b")
+    assert ledger.sidecar_model("runs/models/study/work/models/seq/a+b/mergemix.json") == ("seq", "a+b")
     assert ledger.benchmark_stage("results/benchmarks/train/unit/src/benchmarks/0.tsv") == ("unit_train", "src/benchmarks/0")
-    assert ledger.benchmark_stage("/benchmarks/x/results/benchmarks/train/seq/a+b.tsv") == ("seq_train", "a+b")
+    assert ledger.benchmark_stage("runs/benchmarks/x/results/benchmarks/train/seq/a+b.tsv") == ("seq_train", "a+b")
 
 
 def test_ledger_by_hand(tmp_path):

@@ -13,6 +13,7 @@ import itertools
 import math
 import os
 import random
+import re
 from collections.abc import Hashable
 from dataclasses import dataclass
 from importlib import resources
@@ -41,6 +42,10 @@ _Validator = jsonschema.validators.extend(
     jsonschema.Draft202012Validator,
     type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer),
 )
+
+
+# A data file given by URL (hf://, s3://, https://...): read by `datasets`, not a local file.
+REMOTE_FILE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
 class ConfigError(ValueError):

@@ -56,6 +56,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from mergemix.config import REMOTE_FILE
 from mergemix.io import run_command, usual_mode
 
 log = logging.getLogger(__name__)
@@ -809,7 +810,6 @@ def _parse_spec(spec: Mapping[str, Any]) -> _PartitionSpec:
     )
 
 
-_REMOTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _LARGE_TEXT_BYTES = 2**31 - 1  # above this a text column goes to large_string (64-bit offsets)
 _GLOB_CHARS = set("*?[")
 _JSON_SUFFIXES = (".json", ".jsonl", ".ndjson", ".json.gz", ".jsonl.gz", ".ndjson.gz")
@@ -832,7 +832,7 @@ def _local_files(ps: _PartitionSpec) -> list[Path]:
     """Local files the load will read, checked to exist (remote ones skipped)."""
     files: list[Path] = []
     for entry in _flatten_data_files(ps.data_files):
-        if _REMOTE.match(entry):
+        if REMOTE_FILE.match(entry):
             continue
         if _GLOB_CHARS & set(entry):
             base = Path(entry)

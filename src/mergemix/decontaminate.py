@@ -23,9 +23,9 @@ runs and machines. (Filters before 2026-11-24 took them from one 128-bit digest 
 double hashing, a + i b mod m, whose k positions fold onto a few bits when b shares a
 factor with m, and whose position sets repeat at small m: 42 evaluation paragraphs at
 1e-6 matched about 1 clean paragraph in 2,000. Such filters still load and are read
-their own way; delete them to rebuild.) It has no false negatives: a copied paragraph is always caught. A
-false positive drops a clean document, so the rate must stay well below one over the
-number of paragraphs checked (the default 1e-6 costs 29 bits per evaluation paragraph).
+their own way; delete them to rebuild.) It has no false negatives: a copied paragraph
+is always caught. A false positive drops a clean document, so the rate must stay well
+below one over the number of paragraphs checked (the default 1e-6 costs 29 bits per evaluation paragraph).
 """
 
 from __future__ import annotations

@@ -108,34 +108,22 @@ def write_bytes(path: str | Path, data: bytes, only_if_changed: bool = True) -> 
     if only_if_changed and path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
         usual_mode(path)  # one an earlier version left private
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clear_stale(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        usual_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None:  # a failed write() or fsync() names no file
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
-        raise
+    with StreamedFile(path, only_if_changed=False) as out:
+        out.write(data)
     return True
 
 
 class StreamedFile:
-    """write_bytes for data that arrives in pieces: `with StreamedFile(path) as out:
+    """An atomic write of data that arrives in pieces: `with StreamedFile(path) as out:
     out.write(chunk)` writes a temporary beside `path`, hashing as it goes, and on a
-    clean exit flushes it to disk and renames it into place, unless `path` already
-    holds the same bytes (then it is left as it is, as write_bytes does). On an error
-    the temporary goes and `path` is untouched. `sha256` is the hex digest after exit.
+    clean exit flushes it to disk and renames it into place, unless `only_if_changed`
+    and `path` already holds the same bytes (then it is left as it is). On an error the
+    temporary goes and `path` is untouched. `sha256` is the hex digest after exit.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, only_if_changed: bool = True) -> None:
         self.path = Path(path)
+        self.only_if_changed = only_if_changed
         self.sha256 = ""
         self._digest = hashlib.sha256()
         self._size = 0
@@ -165,7 +153,8 @@ class StreamedFile:
             if exc_type is not None:
                 return
             self.sha256 = self._digest.hexdigest()
-            if self.path.is_file() and self.path.stat().st_size == self._size and sha256_file(self.path) == self.sha256:
+            if (self.only_if_changed and self.path.is_file() and self.path.stat().st_size == self._size
+                    and sha256_file(self.path) == self.sha256):
                 usual_mode(self.path)
                 return
             usual_mode(tmp)

@@ -103,7 +103,7 @@ def _tails(path: Path, anchor: str) -> Iterator[list[str]]:
 
     The callers take the first tail that parses: a source or partition may be named
     ``models`` or ``benchmarks`` (``work/models/unit/models/seq/0``), and a study may
-    live under a folder of that name (``/data/models/study/work/models/...``).
+    live under a folder of that name (``runs/models/study/work/models/...``).
     """
     parts = path.parts
     for i, part in enumerate(parts):
