@@ -44,6 +44,28 @@ def seed(shards, tokenizer_dir):
     return out
 
 
+@pytest.mark.parametrize("unit_tokens", [700, 5000, 100_000])  # units that fit, and units upsampled
+def test_windows_read_from_the_shards_are_the_units_cut_with_stride_context(shards, tokenizer_dir, unit_tokens):
+    import numpy as np
+
+    from mergemix.tokenize import open_tokens, tokenizer_hash, unit_ranges
+    from mergemix.train import windows
+
+    context = 32
+    units = [f"{shards / 'argparse' / 'train'}:0", f"{shards / 'typing' / 'train'}:1", f"{shards / 'argparse' / 'train'}:2"]
+    expected = []  # each unit's stream joined from its ranges, cut into windows one by one
+    for spec in units:
+        prefix, index = spec.rsplit(":", 1)
+        tokens = np.asarray(open_tokens(prefix)[0])
+        stream = np.concatenate([tokens[a:b] for a, b in unit_ranges(tokens.size, unit_tokens, int(index))])
+        expected += [stream[i : i + context + 1] for i in range(0, stream.size - context, context)]
+    data = windows(units, unit_tokens, context, tokenizer_hash(tokenizer_dir))
+    assert len(data) == len(expected)
+    order = np.random.default_rng(0).permutation(len(data))
+    np.testing.assert_array_equal(data[order], np.stack(expected)[order])
+    assert data[order[:5]].dtype == np.uint16
+
+
 def test_seed_checkpoint_is_a_loadable_hf_folder_with_sidecar(seed):
     from transformers import AutoModelForCausalLM
 

@@ -34,7 +34,7 @@ import torch
 
 from mergemix import io, model as mm
 from mergemix.config import ModelConfig, PhaseConfig, TrainConfig
-from mergemix.tokenize import TokenizeError, load_tokenizer, open_tokens, tokenizer_hash, unit_ranges
+from mergemix.tokenize import TokenizeError, load_tokenizer, open_tokens, tokenizer_hash
 
 log = logging.getLogger(__name__)
 
@@ -73,30 +73,61 @@ def window_loss(model: Any, windows: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
 
 
-def windows(units: list[str], unit_tokens: int, context: int, expect_tokenizer: str) -> np.ndarray:
-    """All training windows of the given base units, shape (N, context + 1), in the
-    shards' dtype (uint16 for vocabularies up to 65,536: 2 bytes a token, not int64's 8;
-    a batch becomes int64 on its way to the model).
+class Windows:
+    """The training windows of some base units, shape (N, context + 1), read from the
+    memory-mapped shards batch by batch: a job holds one batch of tokens, not its
+    units' (a 2.5B-token seed phase would otherwise need 5 GB for the tokens and as much
+    again for the windows cut from them).
 
-    Each unit is `unit_tokens` tokens of its shard's train stream (see
-    `tokenize.unit_ranges`: disjoint while they fit, repeated when the partition is
-    smaller); windows are cut per unit with stride `context`.
+    Unit u of a partition is `unit_tokens` tokens of its shard's train stream read
+    cyclically from u * unit_tokens (see `tokenize.unit_ranges`: disjoint while they
+    fit, repeated when the partition is smaller). Its windows are cut with stride
+    `context`, (unit_tokens - 1) // context of them; window i of the j-th unit listed
+    is global window j * per_unit + i. Indexing with an array of window numbers gives
+    those windows in the shards' dtype (uint16 for vocabularies up to 65,536).
     """
-    parts: list[np.ndarray] = []
-    for spec in units:
-        prefix, index = parse_unit(spec)
-        try:
-            tokens, _, meta = open_tokens(prefix)
-        except FileNotFoundError as exc:
-            raise TrainError(f"token shard {prefix}.bin/.json is missing: run the tokenize rule first") from exc
-        if meta["tokenizer_sha256"] != expect_tokenizer:
-            raise TrainError(f"token shard {prefix} was made with another tokenizer than the model's: rerun tokenization")
-        stream = np.concatenate([np.asarray(tokens[a:b]) for a, b in unit_ranges(tokens.size, unit_tokens, index)])
-        n = (stream.size - 1) // context
-        if n < 1:
-            raise TrainError(f"unit {spec} holds {stream.size} tokens, fewer than one window of {context + 1}: raise unit_tokens")
-        parts.append(stream[np.arange(n)[:, None] * context + np.arange(context + 1)[None, :]])
-    return np.concatenate(parts)
+
+    def __init__(self, units: list[str], unit_tokens: int, context: int, expect_tokenizer: str) -> None:
+        self.context = context
+        self.unit_tokens = unit_tokens
+        self.per_unit = (unit_tokens - 1) // context
+        if self.per_unit < 1:
+            raise TrainError(f"unit_tokens {unit_tokens} holds fewer tokens than one window of {context + 1}: "
+                             "raise unit_tokens")
+        self.sources: list[tuple[np.ndarray, int]] = []  # (shard tokens, first stream position)
+        for spec in units:
+            prefix, index = parse_unit(spec)
+            try:
+                tokens, _, meta = open_tokens(prefix)
+            except FileNotFoundError as exc:
+                raise TrainError(f"token shard {prefix}.bin/.json is missing: run the tokenize rule first") from exc
+            if meta["tokenizer_sha256"] != expect_tokenizer:
+                raise TrainError(f"token shard {prefix} was made with another tokenizer than the model's: "
+                                 "rerun tokenization")
+            if tokens.size == 0:
+                raise TrainError(f"token shard {prefix} holds no tokens: its documents are empty")
+            self.sources.append((tokens, index * unit_tokens))
+        self.dtype = self.sources[0][0].dtype if self.sources else np.dtype(np.uint16)
+
+    def __len__(self) -> int:
+        return len(self.sources) * self.per_unit
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((rows.size, self.context + 1), dtype=self.dtype)
+        offsets = np.arange(self.context + 1, dtype=np.int64)
+        unit_of, window_of = np.divmod(rows, self.per_unit)
+        for u in np.unique(unit_of):
+            tokens, first = self.sources[u]
+            mine = unit_of == u
+            positions = first + window_of[mine, None] * self.context + offsets[None, :]
+            out[mine] = tokens[positions % tokens.size]
+        return out
+
+
+def windows(units: list[str], unit_tokens: int, context: int, expect_tokenizer: str) -> Windows:
+    """All training windows of the given base units (see `Windows`)."""
+    return Windows(units, unit_tokens, context, expect_tokenizer)
 
 
 def lr_at(step: int, total: int, phase: PhaseConfig) -> float:
