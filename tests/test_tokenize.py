@@ -72,8 +72,9 @@ def test_shards_hold_every_document_once(tmp_path, texts, tokenizer_dir):
 
 
 def test_shards_written_batch_by_batch_are_the_bytes_of_one_batch(tmp_path, texts, tokenizer_dir, monkeypatch):
-    """write_shard encodes and writes ENCODE_BATCH segments at a time; the split into
-    batches changes no byte, and a rewrite with the same bytes keeps the files' times."""
+    """make_shards reads READ_ROWS documents, encodes ENCODE_BATCH segments and copies
+    COPY_TOKENS tokens at a time; the split into batches changes no byte, and a rewrite
+    with the same bytes keeps the files' times."""
     from mergemix import tokenize
 
     part = tmp_path / "src" / "p.parquet"
@@ -81,6 +82,8 @@ def test_shards_written_batch_by_batch_are_the_bytes_of_one_batch(tmp_path, text
     pl.DataFrame({"text": texts["subprocess"] + texts["typing"]}).write_parquet(part)
     make_shards(part, tokenizer_dir, tmp_path / "whole", heldout_fraction=0.25, segment_chars=300, seed=0)
     monkeypatch.setattr(tokenize, "ENCODE_BATCH", 7)
+    monkeypatch.setattr(tokenize, "READ_ROWS", 5)
+    monkeypatch.setattr(tokenize, "COPY_TOKENS", 100)
     sides = make_shards(part, tokenizer_dir, tmp_path / "batched", heldout_fraction=0.25, segment_chars=300, seed=0)
     assert sides["train"]["n_docs"] > 7 * 3
     for name in ("train.bin", "train.idx", "train.json", "heldout.bin", "heldout.idx", "heldout.json"):
@@ -88,3 +91,26 @@ def test_shards_written_batch_by_batch_are_the_bytes_of_one_batch(tmp_path, text
     times = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "batched").iterdir()}
     make_shards(part, tokenizer_dir, tmp_path / "batched", heldout_fraction=0.25, segment_chars=300, seed=0)
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "batched").iterdir()} == times
+
+
+def test_train_shard_holds_the_documents_in_the_split_order(tmp_path, texts, tokenizer_dir):
+    """The partition file is read front to back, but the train shard holds its documents in
+    split_documents' shuffled order (a unit is then a sample of the whole partition), and
+    the held-out shard in file order; checked against the tokenizer applied here."""
+    from mergemix.tokenize import load_tokenizer
+
+    docs = texts["typing"] + texts["argparse"]
+    part = tmp_path / "src" / "p.parquet"
+    part.parent.mkdir()
+    pl.DataFrame({"text": docs}).write_parquet(part)
+    make_shards(part, tokenizer_dir, tmp_path / "tok", heldout_fraction=0.2, segment_chars=400, seed=5)
+    tok = load_tokenizer(tokenizer_dir)
+    train, heldout = split_documents(len(docs), 0.2, seed=5)
+    assert train != sorted(train)
+    for split, ids in (("train", train), ("heldout", heldout)):
+        pieces = [p for i in ids for p in segments(docs[i], 400)]
+        expected = [t for p in pieces for t in (*tok(p, add_special_tokens=False)["input_ids"], tok.eos_token_id)]
+        tokens, index, side = open_tokens(tmp_path / "tok" / split)
+        assert tokens.tolist() == expected
+        assert index[:, 1].tolist() == [len(p.encode("utf-8")) for p in pieces]
+        assert side["n_source_docs"] == len(ids) and side["n_docs"] == len(pieces)

@@ -16,10 +16,12 @@ import hashlib
 import logging
 import random
 import sys
+import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-import polars as pl
+import pyarrow.parquet as pq
 
 from mergemix import io
 
@@ -35,8 +37,9 @@ class TokenizeError(ValueError):
 # --- tokenizer -------------------------------------------------------------------------
 
 
-def train_bpe(texts: list[str], vocab_size: int, out_dir: Path) -> None:
-    """Train a byte-level BPE (GPT-2 style) and save it as a Hugging Face tokenizer folder."""
+def train_bpe(texts: Iterable[str] | Iterable[list[str]], vocab_size: int, out_dir: Path) -> None:
+    """Train a byte-level BPE (GPT-2 style) on texts (or batches of them, read as they are
+    needed) and save it as a Hugging Face tokenizer folder."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -139,48 +142,104 @@ def _encode(tok, texts: list[str]) -> list[list[int]]:
     return [enc.ids for enc in tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
 
 
-ENCODE_BATCH = 4096  # segments tokenized and written at a time
+READ_ROWS = 1024  # documents read from a partition file at a time
+ENCODE_BATCH = 4096  # segments tokenized at a time
+COPY_TOKENS = 1 << 24  # tokens gathered per write when a shard is put in order
+
+
+def read_texts(partition_file: Path, rows: int | None = None) -> Iterator[list[str]]:
+    """A partition file's `text` column, `rows` documents at a time (READ_ROWS)."""
+    for batch in pq.ParquetFile(partition_file).iter_batches(batch_size=rows or READ_ROWS, columns=["text"]):
+        yield batch.column(0).to_pylist()
+
+
+class _Spool:
+    """One split's tokens and segment sizes, gathered in the partition file's order.
+
+    A shard holds its documents in the order split_documents gives (shuffled for train,
+    so that a unit is a sample of the whole partition), but the partition file is read
+    front to back. Tokens therefore go first to an unnamed temporary file beside the
+    shard, and `write` copies them into the shard in the split's order: memory holds one
+    batch of text and three integers per document or segment, never the partition.
+    """
+
+    def __init__(self, folder: Path, dtype: np.dtype) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.file = tempfile.TemporaryFile(dir=folder)  # no name: gone with the process
+        self.dtype = dtype
+        self.doc_segments: list[int] = []  # per document met, in file order
+        self.seg_tokens: list[int] = []  # per segment: its tokens and the EOS after it
+        self.seg_bytes: list[int] = []  # per segment: its UTF-8 bytes
+
+    def add(self, ids: list[list[int]], texts: list[str], eos: int) -> None:
+        lengths = [len(x) + 1 for x in ids]
+        flat = np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=self.dtype, count=sum(lengths))
+        self.file.write(flat.tobytes())
+        self.seg_tokens += lengths
+        self.seg_bytes += [len(t.encode("utf-8")) for t in texts]
+
+    def write(self, order: np.ndarray, out_prefix: Path, meta: dict, vocab: int, eos: int) -> dict:
+        """Write `{prefix}.bin/.idx/.json` with the documents in `order` (file positions of
+        this split's documents, each once)."""
+        self.file.flush()
+        docs = np.asarray(self.doc_segments, dtype=np.int64)
+        first_seg = np.concatenate([[0], np.cumsum(docs)])
+        seg_tokens = np.asarray(self.seg_tokens, dtype=np.int64)
+        seg_start = np.concatenate([[0], np.cumsum(seg_tokens)])
+        # the shard's segments: each document's, in order
+        counts = docs[order]
+        before = np.cumsum(counts) - counts  # segments of the shard before each document's
+        segs = np.repeat(first_seg[order] - before, counts) + np.arange(int(counts.sum()), dtype=np.int64)
+        size = int(seg_start[-1])
+        spooled = np.memmap(self.file, dtype=self.dtype, mode="r", shape=(size,)) if size else np.zeros(0, self.dtype)
+        with io.StreamedFile(out_prefix.with_suffix(".bin")) as out:
+            pending, n_pending = [], 0
+            for d in order:
+                piece = spooled[seg_start[first_seg[d]] : seg_start[first_seg[d + 1]]]
+                pending.append(piece)
+                n_pending += piece.size
+                if n_pending >= COPY_TOKENS:
+                    out.write(np.concatenate(pending).tobytes())
+                    pending, n_pending = [], 0
+            if pending:
+                out.write(np.concatenate(pending).tobytes())
+        lengths = seg_tokens[segs]
+        n_bytes = np.asarray(self.seg_bytes, dtype=np.int64)[segs]
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if segs.size else np.zeros(0, np.int64)
+        rows = np.stack([starts, n_bytes], axis=1).astype(np.int64).tobytes() if segs.size else b""
+        io.write_bytes(out_prefix.with_suffix(".idx"), rows)
+        # The sidecar is written last and carries the hashes of the other two files, so it
+        # changes exactly when they do: a rule may depend on it alone (evaluation jobs do,
+        # which keeps a paper-scale DAG at one file per domain instead of three).
+        sidecar = {
+            **meta,
+            "bin_sha256": out.sha256,
+            "idx_sha256": hashlib.sha256(rows).hexdigest(),
+            "dtype": np.dtype(self.dtype).name,
+            "n_tokens": int(lengths.sum()),
+            "n_docs": int(segs.size),
+            "n_bytes": int(n_bytes.sum()),
+            "vocab_size": vocab,
+            "eos_id": int(eos),
+        }
+        io.write_json(out_prefix.with_suffix(".json"), sidecar)
+        self.file.close()
+        return sidecar
+
+
+def _dtype(vocab: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32)
 
 
 def write_shard(tok, texts: list[str], out_prefix: Path, meta: dict) -> dict:
-    """Tokenize `texts` (already segmented) into `{prefix}.bin/.idx/.json`; each ends with EOS.
-
-    Tokens are encoded and written ENCODE_BATCH segments at a time, so memory holds the
-    text and one batch of token lists, not a Python list per token of the whole split
-    (about 36 bytes a token: a 1B-token partition would need 36 GB).
-    """
-    eos = tok.eos_token_id
-    vocab = len(tok)
-    dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32
-    lengths = np.zeros(len(texts), dtype=np.int64)
-    with io.StreamedFile(out_prefix.with_suffix(".bin")) as out:
-        for lo in range(0, len(texts), ENCODE_BATCH):
-            ids = _encode(tok, texts[lo : lo + ENCODE_BATCH])
-            lengths[lo : lo + len(ids)] = [len(x) + 1 for x in ids]
-            flat = np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=dtype,
-                               count=int(lengths[lo : lo + len(ids)].sum()))
-            out.write(flat.tobytes())
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(texts) else np.zeros(0, np.int64)
-    n_bytes = np.array([len(t.encode("utf-8")) for t in texts], dtype=np.int64)
-    index = np.stack([starts, n_bytes], axis=1).astype(np.int64) if len(texts) else np.zeros((0, 2), np.int64)
-    rows = index.tobytes()
-    io.write_bytes(out_prefix.with_suffix(".idx"), rows)
-    # The sidecar is written last and carries the hashes of the other two files, so it
-    # changes exactly when they do: a rule may depend on it alone (evaluation jobs do,
-    # which keeps a paper-scale DAG at one file per domain instead of three).
-    sidecar = {
-        **meta,
-        "bin_sha256": out.sha256,
-        "idx_sha256": hashlib.sha256(rows).hexdigest(),
-        "dtype": np.dtype(dtype).name,
-        "n_tokens": int(lengths.sum()),
-        "n_docs": len(texts),
-        "n_bytes": int(n_bytes.sum()),
-        "vocab_size": vocab,
-        "eos_id": int(eos),
-    }
-    io.write_json(out_prefix.with_suffix(".json"), sidecar)
-    return sidecar
+    """Tokenize `texts` (each one segment, already cut) into `{prefix}.bin/.idx/.json`
+    in their order."""
+    spool = _Spool(out_prefix.parent, _dtype(len(tok)))
+    spool.doc_segments = [1] * len(texts)
+    for lo in range(0, len(texts), ENCODE_BATCH):
+        batch = texts[lo : lo + ENCODE_BATCH]
+        spool.add(_encode(tok, batch), batch, tok.eos_token_id)
+    return spool.write(np.arange(len(texts)), out_prefix, meta, len(tok), tok.eos_token_id)
 
 
 def make_shards(
@@ -192,26 +251,53 @@ def make_shards(
     seed: int,
     splits: tuple[str, ...] = ("train", "heldout"),
 ) -> dict[str, dict]:
-    """Split a partition's documents, segment them and write one shard per split."""
+    """Split a partition's documents, segment them and write one shard per split.
+
+    A shard is `{split}.bin/.idx/.json`; each segment ends with EOS. The partition file is
+    read READ_ROWS documents at a time and tokenized ENCODE_BATCH segments at a time, so
+    memory holds a batch, not the partition (as Python strings and token lists, a
+    partition of 1B tokens would take tens of GB).
+    """
     if not partition_file.is_file():
         raise TokenizeError(f"partition file {partition_file} is missing")
-    texts = pl.read_parquet(partition_file, columns=["text"])["text"].to_list()
+    n_docs = pq.ParquetFile(partition_file).metadata.num_rows
     name = f"{partition_file.parent.name}/{partition_file.stem}"
-    if not texts:
+    if not n_docs:
         raise TokenizeError(f"partition {name} ({partition_file}) has no documents: fix its definition in config.yaml")
-    if "train" in splits and len(texts) < 2:
+    if "train" in splits and n_docs < 2:
         raise TokenizeError(
-            f"partition {name} has {len(texts)} document; at least 2 are needed to hold one out: merge it with another"
+            f"partition {name} has {n_docs} document; at least 2 are needed to hold one out: merge it with another"
         )
     tok = load_tokenizer(tokenizer_dir)
-    train_ids, heldout_ids = split_documents(len(texts), heldout_fraction if "train" in splits else 1.0, seed)
+    eos, vocab = tok.eos_token_id, len(tok)
+    dtype = _dtype(vocab)
+    train_ids, heldout_ids = split_documents(n_docs, heldout_fraction if "train" in splits else 1.0, seed)
+    heldout = np.zeros(n_docs, dtype=bool)
+    heldout[heldout_ids] = True
+    spools = {split: _Spool(out_dir, dtype) for split in splits}
+    doc = 0
+    for texts in read_texts(partition_file):
+        pieces: dict[str, list[str]] = {split: [] for split in splits}
+        for text in texts:
+            split = "heldout" if heldout[doc] else "train"
+            cut = segments(text, segment_chars)
+            spools[split].doc_segments.append(len(cut))
+            pieces[split] += cut
+            doc += 1
+        for split, todo in pieces.items():
+            for lo in range(0, len(todo), ENCODE_BATCH):
+                batch = todo[lo : lo + ENCODE_BATCH]
+                spools[split].add(_encode(tok, batch), batch, eos)
+    # file positions -> each split's own document numbers, in the split's order
+    position = np.cumsum(~heldout) - 1, np.cumsum(heldout) - 1
     meta = {"partition": name, "tokenizer_sha256": tokenizer_hash(tokenizer_dir), "seed": seed}
     out: dict[str, dict] = {}
-    for split, ids in (("train", train_ids), ("heldout", heldout_ids)):
+    for split, ids, number in (("train", train_ids, position[0]), ("heldout", heldout_ids, position[1])):
         if split not in splits:
             continue
-        pieces = [s for i in ids for s in segments(texts[i], segment_chars)]
-        out[split] = write_shard(tok, pieces, out_dir / split, {**meta, "split": split, "n_source_docs": len(ids)})
+        order = number[np.asarray(ids, dtype=np.int64)]
+        out[split] = spools[split].write(order, out_dir / split, {**meta, "split": split, "n_source_docs": len(ids)},
+                                         vocab, eos)
         log.info("%s/%s: %d docs, %d tokens", name, split, len(ids), out[split]["n_tokens"])
     return out
 
@@ -289,8 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.name:
                 fetch_pretrained(args.name, args.out_dir)
             else:
-                texts = pl.read_parquet(args.input, columns=["text"])["text"].to_list()
-                train_bpe(texts, args.vocab_size, args.out_dir)
+                train_bpe(read_texts(args.input), args.vocab_size, args.out_dir)
         else:
             splits = ("heldout",) if args.heldout_only else ("train", "heldout")
             make_shards(args.input, args.tokenizer, args.out_dir, args.heldout_fraction, args.segment_chars, args.seed, splits)
