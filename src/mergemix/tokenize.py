@@ -17,6 +17,7 @@ import logging
 import random
 import sys
 import tempfile
+from array import array
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -163,25 +164,34 @@ class _Spool:
     batch of text and three integers per document or segment, never the partition.
     """
 
-    def __init__(self, folder: Path, dtype: np.dtype) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.file = tempfile.TemporaryFile(dir=folder)  # no name: gone with the process
+    def __init__(self, out_prefix: Path, dtype: np.dtype) -> None:
+        self.prefix = out_prefix
+        out_prefix.parent.mkdir(parents=True, exist_ok=True)
+        self.file = tempfile.TemporaryFile(dir=out_prefix.parent)  # no name: gone with the process
         self.dtype = dtype
-        self.doc_segments: list[int] = []  # per document met, in file order
-        self.seg_tokens: list[int] = []  # per segment: its tokens and the EOS after it
-        self.seg_bytes: list[int] = []  # per segment: its UTF-8 bytes
+        # int64 arrays (8 bytes an entry, where a list of ints takes about 36)
+        self.doc_segments = array("q")  # per document met, in file order
+        self.seg_tokens = array("q")  # per segment: its tokens and the EOS after it
+        self.seg_bytes = array("q")  # per segment: its UTF-8 bytes
 
     def add(self, ids: list[list[int]], texts: list[str], eos: int) -> None:
         lengths = [len(x) + 1 for x in ids]
         flat = np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=self.dtype, count=sum(lengths))
-        self.file.write(flat.tobytes())
-        self.seg_tokens += lengths
-        self.seg_bytes += [len(t.encode("utf-8")) for t in texts]
+        self._spool(self.file.write, flat.tobytes())
+        self.seg_tokens.extend(lengths)
+        self.seg_bytes.extend(len(t.encode("utf-8")) for t in texts)
 
-    def write(self, order: np.ndarray, out_prefix: Path, meta: dict, vocab: int, eos: int) -> dict:
+    def _spool(self, call, *args) -> None:
+        try:
+            call(*args)
+        except OSError as exc:  # the temporary has no name: name the shard it is for
+            raise OSError(exc.errno, exc.strerror, str(self.prefix.with_suffix(".bin"))) from exc
+
+    def write(self, order: np.ndarray, meta: dict, vocab: int, eos: int) -> dict:
         """Write `{prefix}.bin/.idx/.json` with the documents in `order` (file positions of
         this split's documents, each once)."""
-        self.file.flush()
+        self._spool(self.file.flush)
+        out_prefix = self.prefix
         docs = np.asarray(self.doc_segments, dtype=np.int64)
         first_seg = np.concatenate([[0], np.cumsum(docs)])
         seg_tokens = np.asarray(self.seg_tokens, dtype=np.int64)
@@ -234,12 +244,12 @@ def _dtype(vocab: int) -> np.dtype:
 def write_shard(tok, texts: list[str], out_prefix: Path, meta: dict) -> dict:
     """Tokenize `texts` (each one segment, already cut) into `{prefix}.bin/.idx/.json`
     in their order."""
-    spool = _Spool(out_prefix.parent, _dtype(len(tok)))
-    spool.doc_segments = [1] * len(texts)
+    spool = _Spool(out_prefix, _dtype(len(tok)))
+    spool.doc_segments.extend([1] * len(texts))
     for lo in range(0, len(texts), ENCODE_BATCH):
         batch = texts[lo : lo + ENCODE_BATCH]
         spool.add(_encode(tok, batch), batch, tok.eos_token_id)
-    return spool.write(np.arange(len(texts)), out_prefix, meta, len(tok), tok.eos_token_id)
+    return spool.write(np.arange(len(texts)), meta, len(tok), tok.eos_token_id)
 
 
 def make_shards(
@@ -274,7 +284,7 @@ def make_shards(
     train_ids, heldout_ids = split_documents(n_docs, heldout_fraction if "train" in splits else 1.0, seed)
     heldout = np.zeros(n_docs, dtype=bool)
     heldout[heldout_ids] = True
-    spools = {split: _Spool(out_dir, dtype) for split in splits}
+    spools = {split: _Spool(out_dir / split, dtype) for split in splits}
     doc = 0
     for texts in read_texts(partition_file):
         pieces: dict[str, list[str]] = {split: [] for split in splits}
@@ -296,7 +306,7 @@ def make_shards(
         if split not in splits:
             continue
         order = number[np.asarray(ids, dtype=np.int64)]
-        out[split] = spools[split].write(order, out_dir / split, {**meta, "split": split, "n_source_docs": len(ids)},
+        out[split] = spools[split].write(order, {**meta, "split": split, "n_source_docs": len(ids)},
                                          vocab, eos)
         log.info("%s/%s: %d docs, %d tokens", name, split, len(ids), out[split]["n_tokens"])
     return out
