@@ -113,19 +113,25 @@ def test_partition_by_one_column_with_merging_rename(tmp_path: Path, docs_jsonl:
     assert sorted(summary["early"]["raw_keys"]) == ["1790s", "1800s"]
 
 
-def test_text_past_32_bit_offsets_is_taken_as_large_strings(tmp_path: Path, docs_jsonl: Path, monkeypatch) -> None:
-    """Past 2 GiB of text (one partition of the paper config's C4 seed corpus), taking a
-    partition's rows joined string chunks beyond their 32-bit offsets and pyarrow raised
-    'offset overflow'. The switch to 64-bit offsets is tried here at a threshold of 0
-    (the 2 GiB case itself, run by hand, took 34 s and 11 GB of memory)."""
-    small = write_partitions(make_spec([docs_jsonl]), tmp_path / "small")
-    monkeypatch.setattr(corpus, "_LARGE_TEXT_BYTES", 0)
-    large = write_partitions(make_spec([docs_jsonl]), tmp_path / "large")
-    assert large == small
-    for name in ("1850s", "1860s", "early"):
-        table = pq.read_table(tmp_path / "large" / f"{name}.parquet")
-        assert table.schema.field("text").type == pa.large_string()
-        assert table.to_pylist() == pq.read_table(tmp_path / "small" / f"{name}.parquet").to_pylist()
+def test_partitions_are_read_and_written_batch_by_batch(tmp_path: Path, docs_jsonl: Path, monkeypatch) -> None:
+    """The source is read _READ_ROWS rows at a time and each partition written in row groups
+    of at most _ROW_GROUP_SIZE documents, fewer past _ROW_GROUP_BYTES of text: a job holds
+    a row group, not the source (the paper config's C4 seed source is 11 GB of text).
+    Batching changes no document, no order and no summary."""
+    whole = write_partitions(make_spec([docs_jsonl]), tmp_path / "whole")
+    for limits, name in (({"_READ_ROWS": 2, "_ROW_GROUP_SIZE": 2}, "rows"),
+                         ({"_READ_ROWS": 1, "_ROW_GROUP_BYTES": 1}, "bytes")):
+        for key, value in limits.items():
+            monkeypatch.setattr(corpus, key, value)
+        batched = write_partitions(make_spec([docs_jsonl]), tmp_path / name)
+        assert batched == whole
+        for part, info in whole.items():
+            file = pq.ParquetFile(tmp_path / name / f"{part}.parquet")
+            groups = [file.metadata.row_group(i).num_rows for i in range(file.metadata.num_row_groups)]
+            assert sum(groups) == info["n_docs"] and max(groups) <= (2 if name == "rows" else 1), (part, groups)
+            assert file.read().to_pylist() == pq.read_table(tmp_path / "whole" / f"{part}.parquet").to_pylist()
+        monkeypatch.undo()
+    assert max(info["n_docs"] for info in whole.values()) == 3
 
 
 def test_partition_by_two_columns_parquet(tmp_path: Path) -> None:

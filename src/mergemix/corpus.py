@@ -74,8 +74,11 @@ __all__ = [
 PARTITIONS_SUMMARY = "_partitions.json"
 
 # Parquet row groups small enough that readers can stream long documents
-# without materialising a whole partition.
+# without materialising a whole partition: 10,000 documents, or fewer where
+# their text passes 256 MB.
 _ROW_GROUP_SIZE = 10_000
+_ROW_GROUP_BYTES = 256 << 20
+_READ_ROWS = 1024  # source rows read at a time
 
 
 class CorpusError(ValueError):
@@ -810,7 +813,6 @@ def _parse_spec(spec: Mapping[str, Any]) -> _PartitionSpec:
     )
 
 
-_LARGE_TEXT_BYTES = 2**31 - 1  # above this a text column goes to large_string (64-bit offsets)
 _GLOB_CHARS = set("*?[")
 _JSON_SUFFIXES = (".json", ".jsonl", ".ndjson", ".json.gz", ".jsonl.gz", ".ndjson.gz")
 
@@ -1038,24 +1040,23 @@ def write_partitions(spec: dict, out_dir: Path, write_summary: bool = True) -> d
             "set 'text_column' to a column holding the document text"
         )
 
-    table = table.select([ps.text_column, *ps.partition_by])
-    text = table[ps.text_column]
-    if not pa.types.is_large_string(text_type) and sum(chunk.nbytes for chunk in text.chunks) >= _LARGE_TEXT_BYTES:
-        # string offsets are 32-bit: taking a partition's rows joins the chunks, which
-        # fails past 2 GiB of text ("offset overflow while concatenating arrays")
-        text = text.cast(pa.large_string())
-        table = table.set_column(0, ps.text_column, text)
-    elif not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
-        text = text.cast(pa.string())  # string_view: not every parquet reader supports it
-        table = table.set_column(0, ps.text_column, text)
-    keep = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0), False)
-    n_before = table.num_rows
-    table = table.filter(keep)
-    if table.num_rows < n_before:
-        log.info("source '%s': dropped %d documents with empty text", ps.source, n_before - table.num_rows)
-    table = table.rename_columns(["text", *ps.partition_by])
+    # The source table is memory-mapped from the `datasets` cache: it is read batch by
+    # batch below, and only the key columns and a few integers per document are held.
+    table = table.select([ps.text_column, *ps.partition_by]).rename_columns(["text", *ps.partition_by])
+    keep = np.concatenate([np.zeros(0, dtype=bool)] + [
+        pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(batch.column(0))), 0), False)
+        .to_numpy(zero_copy_only=False)
+        for batch in table.select(["text"]).to_batches(max_chunksize=_READ_ROWS)
+    ])
+    kept = np.flatnonzero(keep)  # source row of each document with text
+    if kept.size < table.num_rows:
+        log.info("source '%s': dropped %d documents with empty text", ps.source, table.num_rows - kept.size)
 
-    group_ids, raw_keys = _raw_keys(table, ps.partition_by)
+    if ps.partition_by:
+        keys_table = table.select(list(ps.partition_by)).take(pa.array(kept, type=pa.int64()))
+        group_ids, raw_keys = _raw_keys(keys_table, ps.partition_by)
+    else:
+        group_ids, raw_keys = np.zeros(kept.size, dtype=np.int64), [""]
     if ps.partition_by:
         names = [ps.rename.get(k, k) for k in raw_keys]
         unused = sorted(set(ps.rename) - set(raw_keys))
@@ -1066,7 +1067,7 @@ def write_partitions(spec: dict, out_dir: Path, write_summary: bool = True) -> d
             )
     else:
         names = [ps.partitions[0]] * len(raw_keys)
-    counts = np.bincount(group_ids, minlength=len(raw_keys)) if table.num_rows else np.zeros(len(raw_keys), int)
+    counts = np.bincount(group_ids, minlength=len(raw_keys)) if kept.size else np.zeros(len(raw_keys), int)
     available = sorted({names[g] for g in range(len(raw_keys)) if counts[g] > 0})
 
     selected: dict[str, tuple[np.ndarray, list[str]]] = {}
@@ -1084,7 +1085,7 @@ def write_partitions(spec: dict, out_dir: Path, write_summary: bool = True) -> d
             # on which other partitions are listed.
             rng = np.random.default_rng([ps.seed, zlib.crc32(part.encode("utf-8"))])
             rows = np.sort(rng.choice(rows, size=ps.max_docs, replace=False))
-        selected[part] = (rows, [raw_keys[g] for g in groups] if ps.partition_by else [])
+        selected[part] = (kept[rows], [raw_keys[g] for g in groups] if ps.partition_by else [])
     ignored = sorted(set(available) - set(ps.partitions))
     if ignored:
         # A workflow job writes one partition and gets only its rename entries: these keys
@@ -1095,14 +1096,53 @@ def write_partitions(spec: dict, out_dir: Path, write_summary: bool = True) -> d
     summary: dict[str, dict[str, Any]] = {}
     with _Outputs() as outputs:
         for part, (rows, keys) in selected.items():
-            part_table = table.take(pa.array(rows, type=pa.int64()))
-            n_chars = int(pc.sum(pc.utf8_length(part_table["text"])).as_py() or 0)
-            summary[part] = {"n_docs": part_table.num_rows, "n_chars": n_chars, "raw_keys": keys}
-            outputs.write_parquet(out_dir / f"{part}.parquet", part_table)
-            log.info("source '%s': partition '%s' has %d documents", ps.source, part, part_table.num_rows)
+            written: list[int] = []  # the characters _write_rows wrote
+            outputs.write(out_dir / f"{part}.parquet", lambda tmp: written.append(_write_rows(table, rows, tmp)))
+            summary[part] = {"n_docs": len(rows), "n_chars": written[0], "raw_keys": keys}
+            log.info("source '%s': partition '%s' has %d documents", ps.source, part, len(rows))
         if write_summary:
             outputs.write_json(out_dir / PARTITIONS_SUMMARY, summary)
     return summary
+
+
+def _write_rows(table: pa.Table, rows: np.ndarray, path: Path) -> int:
+    """Write the given rows (sorted source row numbers) of `table` to `path` as zstd parquet,
+    reading the source _READ_ROWS rows at a time and writing row groups of _ROW_GROUP_SIZE
+    rows (fewer where their text passes _ROW_GROUP_BYTES); returns the characters written."""
+    schema = table.schema
+    text_type = schema.field("text").type
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+        schema = schema.set(0, pa.field("text", pa.string()))  # string_view: not every parquet reader supports it
+    n_chars = 0
+    pending: list[pa.RecordBatch] = []
+    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+
+        def flush(final: bool) -> None:
+            group = pa.Table.from_batches(pending, schema=schema)
+            pending.clear()
+            while group.num_rows and (final or group.num_rows >= _ROW_GROUP_SIZE
+                                      or group.column(0).nbytes >= _ROW_GROUP_BYTES):
+                n = min(group.num_rows, _ROW_GROUP_SIZE)
+                # one chunk: its pages come out as they do when one whole table is written
+                writer.write_table(group.slice(0, n).combine_chunks(), row_group_size=n)
+                group = group.slice(n)
+            pending.extend(group.to_batches())
+
+        start = 0
+        for batch in table.to_batches(max_chunksize=_READ_ROWS):
+            lo, hi = np.searchsorted(rows, [start, start + batch.num_rows])
+            if lo < hi:
+                taken = batch.take(pa.array(rows[lo:hi] - start))
+                if taken.schema != schema:
+                    taken = taken.cast(schema)
+                n_chars += int(pc.sum(pc.utf8_length(taken.column(0))).as_py() or 0)
+                pending.append(taken)
+                if (sum(b.num_rows for b in pending) >= _ROW_GROUP_SIZE
+                        or sum(b.column(0).nbytes for b in pending) >= _ROW_GROUP_BYTES):
+                    flush(final=False)
+            start += batch.num_rows
+        flush(final=True)
+    return n_chars
 
 
 # --------------------------------------------------------------------------
