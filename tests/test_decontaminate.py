@@ -190,6 +190,26 @@ def test_cli_filter_partition_and_table(tmp_path):
     assert md.startswith("Decontamination:") and "evalset (1 paragraphs)" in md and "| src | part | 3 | 1 | 2 | 1 | 1 |" in md
 
 
+def test_a_partition_is_checked_and_written_batch_by_batch(tmp_path, monkeypatch):
+    """decontaminate_partition reads READ_ROWS documents at a time: batches change no kept
+    document, count or example, and an example names its document's row in the partition."""
+    pl.DataFrame({"text": [f"Evaluation.\n{THIRTEEN}"]}).write_parquet(tmp_path / "ood.parquet")
+    dc.build_filter([dc.EvalSet("evalset", tmp_path / "ood.parquet", 1.0, 0)], 13, 1e-6, tmp_path / "filter.json")
+    docs = [f"doc {i}" if i % 3 else f"doc {i}\n{THIRTEEN.upper()}" for i in range(20)]
+    (tmp_path / "src").mkdir()
+    pl.DataFrame({"text": docs, "row": list(range(20))}).write_parquet(tmp_path / "src" / "p.parquet")
+    whole = dc.decontaminate_partition(tmp_path / "src" / "p.parquet", tmp_path / "filter.json",
+                                       tmp_path / "whole.parquet", tmp_path / "whole.json")
+    monkeypatch.setattr(dc, "READ_ROWS", 2)
+    batched = dc.decontaminate_partition(tmp_path / "src" / "p.parquet", tmp_path / "filter.json",
+                                         tmp_path / "batched.parquet", tmp_path / "batched.json")
+    assert batched == whole
+    assert whole["documents_removed"] == 7  # rows 0, 3, ..., 18; the first EXAMPLES (5) quoted
+    assert [e["document"] for e in whole["removed_examples"]] == [0, 3, 6, 9, 12]
+    kept = pl.read_parquet(tmp_path / "batched.parquet")
+    assert kept["row"].to_list() == [i for i in range(20) if i % 3] == pl.read_parquet(tmp_path / "whole.parquet")["row"].to_list()
+
+
 def test_a_partition_emptied_by_decontamination_is_one_clear_error(tmp_path):
     pl.DataFrame({"text": [THIRTEEN]}).write_parquet(tmp_path / "ood.parquet")
     (tmp_path / "docs").mkdir()

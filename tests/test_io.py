@@ -76,3 +76,29 @@ def test_cores_are_the_jobs_threads(monkeypatch):
     assert io.cores() == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert io.cores() == len(os.sched_getaffinity(0))
+
+
+def test_parquet_rows_bounds_its_row_groups_and_writes_atomically(tmp_path):
+    import io as bytes_io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"text": [f"document {i} " * (i + 1) for i in range(25)], "row": list(range(25))})
+    one = bytes_io.BytesIO()
+    pq.write_table(table, one, compression="zstd")
+    for rows, max_bytes, groups in ((100, 1 << 20, [25]), (10, 1 << 20, [10, 10, 5]), (100, 1, [3] * 8 + [1])):
+        with io.StreamedFile(tmp_path / "t.parquet") as out, io.ParquetRows(out, table.schema, rows, max_bytes) as w:
+            for batch in table.to_batches(max_chunksize=3):
+                w.write(batch)
+        meta = pq.ParquetFile(tmp_path / "t.parquet").metadata
+        assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == groups
+        assert pq.read_table(tmp_path / "t.parquet").equals(table)
+        if groups == [25]:  # one group: the bytes of writing the whole table at once
+            assert (tmp_path / "t.parquet").read_bytes() == one.getvalue()
+    before = (tmp_path / "t.parquet").read_bytes()
+    with pytest.raises(RuntimeError):
+        with io.StreamedFile(tmp_path / "t.parquet") as out, io.ParquetRows(out, table.schema) as w:
+            w.write(table.to_batches()[0].slice(0, 4))
+            raise RuntimeError("killed midway")
+    assert (tmp_path / "t.parquet").read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["t.parquet"]

@@ -57,7 +57,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mergemix.config import REMOTE_FILE
-from mergemix.io import run_command, usual_mode
+from mergemix.io import ParquetRows, run_command, usual_mode
 
 log = logging.getLogger(__name__)
 
@@ -1114,21 +1114,8 @@ def _write_rows(table: pa.Table, rows: np.ndarray, path: Path) -> int:
     if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
         schema = schema.set(0, pa.field("text", pa.string()))  # string_view: not every parquet reader supports it
     n_chars = 0
-    pending: list[pa.RecordBatch] = []
-    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
-
-        def flush(final: bool) -> None:
-            group = pa.Table.from_batches(pending, schema=schema)
-            pending.clear()
-            while group.num_rows and (final or group.num_rows >= _ROW_GROUP_SIZE
-                                      or group.column(0).nbytes >= _ROW_GROUP_BYTES):
-                n = min(group.num_rows, _ROW_GROUP_SIZE)
-                # one chunk: its pages come out as they do when one whole table is written
-                writer.write_table(group.slice(0, n).combine_chunks(), row_group_size=n)
-                group = group.slice(n)
-            pending.extend(group.to_batches())
-
-        start = 0
+    start = 0
+    with ParquetRows(path, schema, _ROW_GROUP_SIZE, _ROW_GROUP_BYTES) as out:
         for batch in table.to_batches(max_chunksize=_READ_ROWS):
             lo, hi = np.searchsorted(rows, [start, start + batch.num_rows])
             if lo < hi:
@@ -1136,12 +1123,8 @@ def _write_rows(table: pa.Table, rows: np.ndarray, path: Path) -> int:
                 if taken.schema != schema:
                     taken = taken.cast(schema)
                 n_chars += int(pc.sum(pc.utf8_length(taken.column(0))).as_py() or 0)
-                pending.append(taken)
-                if (sum(b.num_rows for b in pending) >= _ROW_GROUP_SIZE
-                        or sum(b.column(0).nbytes for b in pending) >= _ROW_GROUP_BYTES):
-                    flush(final=False)
+                out.write(taken)
             start += batch.num_rows
-        flush(final=True)
     return n_chars
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io as bytes_io
 import logging
 import math
 import re
@@ -210,19 +209,19 @@ class EvalSet:
         return [texts[i] for i in heldout]
 
 
-def read_partition(path: Path) -> pa.Table:
-    """A partition file's table, refusing a missing file or one without a text column."""
+def open_partition(path: Path) -> pq.ParquetFile:
+    """A partition file, refusing a missing file or one without a text column."""
     if not path.is_file():
         raise DecontaminateError(f"partition file {path} is missing: run its partition rule first")
-    table = pq.read_table(path)
-    if "text" not in table.column_names:
+    source = pq.ParquetFile(path)
+    if "text" not in source.schema_arrow.names:
         raise DecontaminateError(
-            f"{path} has no 'text' column (columns: {', '.join(table.column_names)}): rerun its partition rule")
-    return table
+            f"{path} has no 'text' column (columns: {', '.join(source.schema_arrow.names)}): rerun its partition rule")
+    return source
 
 
 def read_texts(path: Path) -> list[str]:
-    return read_partition(path).column("text").to_pylist()
+    return open_partition(path).read(columns=["text"]).column("text").to_pylist()
 
 
 def build_filter(sets: list[EvalSet], min_tokens: int, false_positive_rate: float, out: Path) -> dict:
@@ -272,28 +271,41 @@ def contaminated(texts: list[str], bloom: BloomFilter, min_tokens: int) -> tuple
     return remove, counts, [{"document": i, "paragraph": p} for i, p in examples.items()]
 
 
+READ_ROWS = 1024  # partition documents checked at a time
+
+
 def decontaminate_partition(partition_file: Path, filter_json: Path, out: Path, report: Path) -> dict:
-    """Write the partition without its contaminated documents, and a report of the counts."""
+    """Write the partition without its contaminated documents, and a report of the counts.
+
+    The partition is read and written READ_ROWS documents at a time (io.ParquetRows), so
+    memory holds a batch, not the partition."""
     bloom, meta = BloomFilter.load(filter_json)
     min_tokens = meta["min_paragraph_tokens"]
-    table = read_partition(partition_file)
+    source = open_partition(partition_file)
     name = f"{partition_file.parent.name}/{partition_file.stem}"
-    remove, counts, examples = contaminated(table.column("text").to_pylist(), bloom, min_tokens)
-    sets = ", ".join(meta["sets"])
-    if counts["documents_out"] == 0:
-        raise DecontaminateError(
-            f"decontamination removes all {counts['documents_in']} documents of partition {name}: each shares a"
-            f" paragraph of >= {min_tokens} words with an evaluation set ({sets}); drop the partition, remove the"
-            f" set from decontaminate.against, or raise decontaminate.min_paragraph_tokens")
-    if counts["documents_out"] < 2 <= counts["documents_in"]:
-        raise DecontaminateError(
-            f"decontamination leaves 1 of the {counts['documents_in']} documents of partition {name} (the others"
-            f" share a paragraph of >= {min_tokens} words with an evaluation set: {sets}), and a partition needs 2"
-            " to hold one out; drop the partition, remove the set from decontaminate.against, or raise"
-            " decontaminate.min_paragraph_tokens")
-    buffer = bytes_io.BytesIO()
-    pq.write_table(table.filter(~remove), buffer, compression="zstd")
-    io.write_bytes(out, buffer.getvalue())
+    counts: dict[str, int] = {}
+    examples: list[dict] = []
+    with io.StreamedFile(out) as stream, io.ParquetRows(stream, source.schema_arrow) as kept:
+        first = 0  # the batch's first document in the partition
+        for batch in source.iter_batches(batch_size=READ_ROWS):
+            remove, found, hits = contaminated(batch.column("text").to_pylist(), bloom, min_tokens)
+            for key, value in found.items():
+                counts[key] = counts.get(key, 0) + value
+            examples += [{**hit, "document": first + hit["document"]} for hit in hits][: EXAMPLES - len(examples)]
+            kept.write(batch.filter(pa.array(~remove)))
+            first += batch.num_rows
+        sets = ", ".join(meta["sets"])
+        if counts.get("documents_out", 0) == 0:
+            raise DecontaminateError(
+                f"decontamination removes all {counts.get('documents_in', 0)} documents of partition {name}: each"
+                f" shares a paragraph of >= {min_tokens} words with an evaluation set ({sets}); drop the partition,"
+                " remove the set from decontaminate.against, or raise decontaminate.min_paragraph_tokens")
+        if counts["documents_out"] < 2 <= counts["documents_in"]:
+            raise DecontaminateError(
+                f"decontamination leaves 1 of the {counts['documents_in']} documents of partition {name} (the others"
+                f" share a paragraph of >= {min_tokens} words with an evaluation set: {sets}), and a partition needs 2"
+                " to hold one out; drop the partition, remove the set from decontaminate.against, or raise"
+                " decontaminate.min_paragraph_tokens")
     summary = {"partition": name, **counts, "against": list(meta["sets"]), "min_paragraph_tokens": min_tokens,
                "filter_sha256": meta["bits_sha256"], "removed_examples": examples}
     io.write_json(report, summary)

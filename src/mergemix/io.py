@@ -143,6 +143,13 @@ class StreamedFile:
         self._digest.update(data)
         self._size += len(data)
 
+    @property
+    def closed(self) -> bool:  # the file protocol, for writers that check it (pyarrow's)
+        return self._fh.closed
+
+    def flush(self) -> None:
+        self._fh.flush()
+
     def __exit__(self, exc_type, exc_value, tb) -> None:
         tmp = Path(self._tmp)
         try:
@@ -165,6 +172,55 @@ class StreamedFile:
             raise
         finally:
             tmp.unlink(missing_ok=True)
+
+
+class ParquetRows:
+    """Record batches written to a zstd parquet file as they come, in row groups of
+    `group_rows` rows, or fewer once their first column (the text) passes `group_bytes`:
+    memory holds a row group, not the table. `where` is a path or a writable file (a
+    `StreamedFile`, for an atomic write); use it in a `with` block, whose end writes the
+    rest and the footer. Each group is written as one chunk, so a table
+    that fits one group gives the bytes `pyarrow.parquet.write_table` gives.
+    """
+
+    def __init__(self, where: Any, schema: Any, group_rows: int = 10_000, group_bytes: int = 256 << 20) -> None:
+        import pyarrow.parquet as pq
+
+        self.schema, self.group_rows, self.group_bytes = schema, group_rows, group_bytes
+        self._writer = pq.ParquetWriter(where, schema, compression="zstd")
+        self._pending: list[Any] = []
+
+    def write(self, batch: Any) -> None:
+        if batch.num_rows:
+            self._pending.append(batch)
+        if (sum(b.num_rows for b in self._pending) >= self.group_rows
+                or sum(b.column(0).nbytes for b in self._pending) >= self.group_bytes):
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        import pyarrow as pa
+
+        group = pa.Table.from_batches(self._pending, schema=self.schema)
+        self._pending.clear()
+        while group.num_rows and (final or group.num_rows >= self.group_rows
+                                  or group.column(0).nbytes >= self.group_bytes):
+            n = min(group.num_rows, self.group_rows)
+            self._writer.write_table(group.slice(0, n).combine_chunks(), row_group_size=n)
+            group = group.slice(n)
+        self._pending.extend(group.to_batches())
+
+    def __enter__(self) -> "ParquetRows":
+        return self
+
+    def __exit__(self, exc_type, exc_value, tb) -> None:
+        if exc_type is None:  # what is pending, then the footer
+            self._flush(final=True)
+            self._writer.close()
+            return
+        try:  # close now, not when collected (by then the file may be gone)
+            self._writer.close()
+        except OSError:
+            pass  # a full disk, say: the error on its way out says so
 
 
 def write_text(path: str | Path, text: str, only_if_changed: bool = True) -> bool:
