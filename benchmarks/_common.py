@@ -15,6 +15,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,13 +85,31 @@ class Child:
     wall_s: float
     peak_rss: int  # bytes: the child's ru_maxrss (resident set high-water mark)
     output: str
+    peak_anon: int = 0  # bytes: the most anonymous memory seen (RssAnon), when sampled
 
 
-def run_child(name: str, cmd: list[str], env: dict[str, str] | None = None, keep_output: bool = True) -> Child:
+def _sample_anon(pid: int, stop: threading.Event, peak: list[int]) -> None:
+    """Poll /proc/PID/status every 20 ms for RssAnon: the child's own memory, without the
+    file pages it maps (a memory-mapped cache's pages count in ru_maxrss, though the kernel
+    may drop them at any time)."""
+    status = Path(f"/proc/{pid}/status")
+    while not stop.is_set():
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    peak[0] = max(peak[0], int(line.split()[1]) * 1024)
+        except OSError:
+            return
+        stop.wait(0.02)
+
+
+def run_child(name: str, cmd: list[str], env: dict[str, str] | None = None, keep_output: bool = True,
+              sample_anon: bool = False) -> Child:
     """Run `cmd` to completion; its wall time and peak RSS, or BenchError with its output's tail.
 
     keep_output=False sends stdout to /dev/null (`cat FILES > /dev/null`): reading a
     large output back would grow this process, and with it every later child's peak.
+    sample_anon=True also samples its anonymous memory (`Child.peak_anon`; Linux only).
     """
     import tempfile
 
@@ -98,14 +117,21 @@ def run_child(name: str, cmd: list[str], env: dict[str, str] | None = None, keep
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=sink if keep_output else subprocess.DEVNULL, stderr=sink,
                                 env={**os.environ, **(env or {})}, cwd=REPO)
+        stop, anon = threading.Event(), [0]
+        sampler = threading.Thread(target=_sample_anon, args=(proc.pid, stop, anon), daemon=True)
+        if sample_anon:
+            sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage
         wall = time.perf_counter() - start
+        stop.set()
+        if sample_anon:
+            sampler.join()
         proc.returncode = os.waitstatus_to_exitcode(status)
         sink.seek(0)
         output = sink.read().decode(errors="replace")
     if proc.returncode != 0:
         raise BenchError(f"{name} failed (exit {proc.returncode}): {' '.join(map(str, cmd))}\n{output[-3000:]}")
-    return Child(name, wall, usage.ru_maxrss * 1024, output)
+    return Child(name, wall, usage.ru_maxrss * 1024, output, anon[0])
 
 
 def driver_rss_line() -> str:

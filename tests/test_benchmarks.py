@@ -65,6 +65,16 @@ def test_engine_benchmark_tiny():
     assert "goal PASS: the engine's perplexities equal the file-based path's to 1e-5 relative" in out
 
 
+def test_prepare_benchmark_tiny():
+    out = bench("prepare.py", "--tiny")
+    # the script itself refuses a run whose shards and peer disagree on the token count, or
+    # whose decontamination keeps a copy of the planted document
+    for step in ("partition", "tokenize", "decontaminate", "in-memory tokenize (peer)"):
+        assert f"| {step} | 1 / 4 |" in out
+    assert number(r"ratio: tokenize / in-memory peer growth per text MiB: ([\d.-]+)", out) is not None
+    assert re.search(r"^goal (PASS|FAIL): tokenize peak anonymous memory grows by under 0.1 MiB", out, re.M)
+
+
 def test_train_benchmark_gpu_path_refuses_without_cuda():
     import torch
 

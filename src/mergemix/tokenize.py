@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import os
 import random
 import sys
 import tempfile
@@ -200,19 +201,19 @@ class _Spool:
         counts = docs[order]
         before = np.cumsum(counts) - counts  # segments of the shard before each document's
         segs = np.repeat(first_seg[order] - before, counts) + np.arange(int(counts.sum()), dtype=np.int64)
-        size = int(seg_start[-1])
-        spooled = np.memmap(self.file, dtype=self.dtype, mode="r", shape=(size,)) if size else np.zeros(0, self.dtype)
+        # read with pread, not a memory map: mapped pages would count as the job's memory
+        fd, item = self.file.fileno(), self.dtype.itemsize
         with io.StreamedFile(out_prefix.with_suffix(".bin")) as out:
             pending, n_pending = [], 0
             for d in order:
-                piece = spooled[seg_start[first_seg[d]] : seg_start[first_seg[d + 1]]]
-                pending.append(piece)
-                n_pending += piece.size
+                start, stop = seg_start[first_seg[d]], seg_start[first_seg[d + 1]]
+                pending.append(os.pread(fd, int(stop - start) * item, int(start) * item))
+                n_pending += stop - start
                 if n_pending >= COPY_TOKENS:
-                    out.write(np.concatenate(pending).tobytes())
+                    out.write(b"".join(pending))
                     pending, n_pending = [], 0
             if pending:
-                out.write(np.concatenate(pending).tobytes())
+                out.write(b"".join(pending))
         lengths = seg_tokens[segs]
         n_bytes = np.asarray(self.seg_bytes, dtype=np.int64)[segs]
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if segs.size else np.zeros(0, np.int64)
