@@ -282,9 +282,13 @@ def make_shards(
     tok = load_tokenizer(tokenizer_dir)
     eos, vocab = tok.eos_token_id, len(tok)
     dtype = _dtype(vocab)
+    # each split's documents as file positions, in the split's order (int64 arrays: a
+    # list of Python ints would hold 36 bytes a document through the whole job)
     train_ids, heldout_ids = split_documents(n_docs, heldout_fraction if "train" in splits else 1.0, seed)
+    ids = {"train": np.asarray(train_ids, dtype=np.int64), "heldout": np.asarray(heldout_ids, dtype=np.int64)}
+    del train_ids, heldout_ids
     heldout = np.zeros(n_docs, dtype=bool)
-    heldout[heldout_ids] = True
+    heldout[ids["heldout"]] = True
     spools = {split: _Spool(out_dir / split, dtype) for split in splits}
     doc = 0
     for texts in read_texts(partition_file):
@@ -299,17 +303,13 @@ def make_shards(
             for lo in range(0, len(todo), ENCODE_BATCH):
                 batch = todo[lo : lo + ENCODE_BATCH]
                 spools[split].add(_encode(tok, batch), batch, eos)
-    # file positions -> each split's own document numbers, in the split's order
-    position = np.cumsum(~heldout) - 1, np.cumsum(heldout) - 1
     meta = {"partition": name, "tokenizer_sha256": tokenizer_hash(tokenizer_dir), "seed": seed}
     out: dict[str, dict] = {}
-    for split, ids, number in (("train", train_ids, position[0]), ("heldout", heldout_ids, position[1])):
-        if split not in splits:
-            continue
-        order = number[np.asarray(ids, dtype=np.int64)]
-        out[split] = spools[split].write(order, {**meta, "split": split, "n_source_docs": len(ids)},
-                                         vocab, eos)
-        log.info("%s/%s: %d docs, %d tokens", name, split, len(ids), out[split]["n_tokens"])
+    for split in splits:
+        mine = heldout if split == "heldout" else ~heldout
+        order = (np.cumsum(mine) - 1)[ids[split]]  # file positions -> numbers among the split's documents
+        out[split] = spools[split].write(order, {**meta, "split": split, "n_source_docs": len(order)}, vocab, eos)
+        log.info("%s/%s: %d docs, %d tokens", name, split, len(order), out[split]["n_tokens"])
     return out
 
 
