@@ -19,8 +19,7 @@ runs it, in a fresh child process, on both:
   few documents.
 
 The peer is the same tokenization done the plain way, in memory: read the partition's
-texts into a list, encode them in one `encode_batch` call and write the tokens (what
-mergemix did before it streamed). For each contender it prints the peak RSS and the
+texts into a list, encode them in one `encode_batch` call and write the tokens. For each contender it prints the peak RSS and the
 peak anonymous memory at both sizes, and the growth of the latter per MiB of text and
 per document added. A stage that streams still keeps a few integers per document (its
 split, its segments' sizes, its row): the goal is a growth under 256 bytes a document,
