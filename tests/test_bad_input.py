@@ -280,6 +280,24 @@ def test_unknown_tokenizer_name(kind, tmp_path):
     assert_nothing_left(out)
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("not parquet", "is not a readable parquet file"),
+    ("no text column", "has no 'text' column"),
+])
+def test_partition_file_that_tokenization_cannot_read(damage, message, tokenizer_dir, tmp_path):
+    part = tmp_path / "parts" / "docs.parquet"
+    part.parent.mkdir()
+    if damage == "not parquet":
+        part.write_bytes(b"PAR1 cut short by a crash")
+    else:
+        pl.DataFrame({"body": ["one document", "another"]}).write_parquet(part)
+    out = tmp_path / "tokens"
+    line = error_line(run("-m", "mergemix.tokenize", "shards", "--input", str(part), "--tokenizer", str(tokenizer_dir),
+                          "--out-dir", str(out), "--heldout-fraction", "0.5", "--segment-chars", "100"))
+    assert str(part) in line and message in line and "rerun its partition rule" in line, line
+    assert_nothing_left(out)
+
+
 def test_nan_loss_stops_training_and_keeps_the_last_good_state(shard, tokenizer_dir, tmp_path):
     """An absurd learning rate diverges after a few steps: training stops with the step,
     writes no model, and keeps the newest resume state whose loss was still finite."""

@@ -271,8 +271,15 @@ def make_shards(
     """
     if not partition_file.is_file():
         raise TokenizeError(f"partition file {partition_file} is missing")
-    n_docs = pq.ParquetFile(partition_file).metadata.num_rows
     name = f"{partition_file.parent.name}/{partition_file.stem}"
+    try:
+        source = pq.ParquetFile(partition_file)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise TokenizeError(f"partition file {partition_file} is not a readable parquet file ({exc}): "
+                            "delete it and rerun its partition rule") from exc
+    if "text" not in source.schema_arrow.names:
+        raise TokenizeError(f"partition file {partition_file} has no 'text' column: delete it and rerun its partition rule")
+    n_docs = source.metadata.num_rows
     if not n_docs:
         raise TokenizeError(f"partition {name} ({partition_file}) has no documents: fix its definition in config.yaml")
     if "train" in splits and n_docs < 2:
