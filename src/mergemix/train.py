@@ -523,9 +523,9 @@ def train(
     bar = tqdm(range(start, steps), desc=f"train {kind}", disable=not rank0, mininterval=5,
                initial=start, total=steps)
     for step in bar:
-        # The global batch is the same for any process count; each rank takes its slice.
-        batch = data[order[step * phase.batch_size : (step + 1) * phase.batch_size]]
-        local = torch.from_numpy(batch[mine].astype(np.int64)).to(engine.device)
+        # The global batch is the same for any process count; each rank reads its slice.
+        batch = data[order[step * phase.batch_size : (step + 1) * phase.batch_size][mine]]
+        local = torch.from_numpy(batch.astype(np.int64)).to(engine.device)
         lr = lr_at(step, steps, phase)  # a pure function of the step: nothing to restore on resume
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -545,7 +545,7 @@ def train(
         # ... and on a pending SIGTERM once the step is done, so a signal that came during
         # it is acted on now (not a step later) and the ranks stop together.
         stop = _mean_over_ranks(torch.tensor(float(preemption.requested), device=engine.device), world) > 0
-        tokens_seen += batch.shape[0] * (batch.shape[1] - 1)
+        tokens_seen += phase.batch_size * context
         metrics.append({"step": step + 1, "tokens": tokens_seen, "loss": round(mean_loss, 5),
                         "lr": lr, "elapsed_s": round(time.time() - started, 3)})
         bar.set_postfix(loss=f"{mean_loss:.3f}")
