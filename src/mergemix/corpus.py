@@ -1055,9 +1055,6 @@ def write_partitions(spec: dict, out_dir: Path, write_summary: bool = True) -> d
     if ps.partition_by:
         keys_table = table.select(list(ps.partition_by)).take(pa.array(kept, type=pa.int64()))
         group_ids, raw_keys = _raw_keys(keys_table, ps.partition_by)
-    else:
-        group_ids, raw_keys = np.zeros(kept.size, dtype=np.int64), [""]
-    if ps.partition_by:
         names = [ps.rename.get(k, k) for k in raw_keys]
         unused = sorted(set(ps.rename) - set(raw_keys))
         if unused:
@@ -1066,7 +1063,8 @@ def write_partitions(spec: dict, out_dir: Path, write_summary: bool = True) -> d
                 ps.source, ", ".join(unused), raw_keys[0] if raw_keys else "",
             )
     else:
-        names = [ps.partitions[0]] * len(raw_keys)
+        group_ids, raw_keys = np.zeros(kept.size, dtype=np.int64), [""]
+        names = [ps.partitions[0]]
     counts = np.bincount(group_ids, minlength=len(raw_keys)) if kept.size else np.zeros(len(raw_keys), int)
     available = sorted({names[g] for g in range(len(raw_keys)) if counts[g] > 0})
 
