@@ -29,6 +29,13 @@ PEER_PACKAGES = ["mergekit==0.1.5", "lm-eval==0.4.13"]
 # only torch they may use. A constraint makes pip fail instead of downloading another.
 TORCH_PIN = "torch==2.13.0"
 MiB = 1 << 20
+# Standard-library modules whose docstrings are the benchmarks' real English text.
+MODULES = ["argparse", "subprocess", "typing", "inspect", "pathlib", "tarfile", "collections/__init__",
+           "functools", "threading", "logging/__init__", "email/message", "zipfile", "unittest/case",
+           "asyncio/events", "datetime", "decimal", "fractions", "statistics", "shutil", "tempfile"]
+# Hugging Face libraries must not try the network from the children (there is none to reach).
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
 
 
 class BenchError(RuntimeError):

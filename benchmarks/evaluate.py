@@ -38,6 +38,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
+    MODULES,
+    OFFLINE,
     MiB,
     BenchError,
     driver_rss_line,
@@ -51,12 +53,6 @@ from _common import (  # noqa: E402
 )
 
 PEERS = ("hf", "lm-eval")
-MODULES = ["argparse", "subprocess", "typing", "inspect", "pathlib", "tarfile", "collections/__init__",
-           "functools", "threading", "logging/__init__", "email/message", "zipfile", "unittest/case",
-           "asyncio/events", "datetime", "decimal", "fractions", "statistics", "shutil", "tempfile"]
-# Hugging Face libraries must not try the network from the children (there is none to reach).
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
 
 
 def prepare(folder: Path, hidden: int, layers: int, context: int, vocab: int, max_tokens: int) -> None:

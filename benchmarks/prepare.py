@@ -40,6 +40,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
+    MODULES,
+    OFFLINE,
     MiB,
     BenchError,
     driver_rss_line,
@@ -51,11 +53,6 @@ from _common import (  # noqa: E402
     stdlib_docstrings,
 )
 
-MODULES = ["argparse", "subprocess", "typing", "inspect", "pathlib", "tarfile", "collections/__init__",
-           "functools", "threading", "logging/__init__", "email/message", "zipfile", "unittest/case",
-           "asyncio/events", "datetime", "decimal", "fractions", "statistics", "shutil", "tempfile"]
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
 GROWTH_GOAL = 256  # bytes of peak anonymous memory per document added (C4's 5.7M: 1.4 GB)
 
 PEER = """

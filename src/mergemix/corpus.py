@@ -973,8 +973,6 @@ def _raw_keys(table: pa.Table, columns: Sequence[str]) -> tuple[np.ndarray, list
     ``str()`` runs once per distinct value rather than once per document.
     """
     n = table.num_rows
-    if not columns:
-        return np.zeros(n, dtype=np.int64), [""]
     codes: list[np.ndarray] = []
     labels: list[list[str]] = []
     for col in columns:
