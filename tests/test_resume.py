@@ -65,15 +65,19 @@ def assert_same_weights(a, b):
     assert la == lb
 
 
-def start_and_signal(cmd, out, after_step, sig):
-    """Start training; once a resume state at or after `after_step` exists, send `sig`."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def start_and_signal(cmd, out, after_step, sig, group=False):
+    """Start training; once a resume state at or after `after_step` exists, send `sig`
+    (with `group`, to every process the command started, as Slurm signals a job step)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=group)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         steps = [int(p.name.split("-")[1]) for p in (out / ".resume").glob("step-*")] if (out / ".resume").exists() else []
         if steps and max(steps) >= after_step:
             time.sleep(random.uniform(0, 0.05))  # land somewhere inside a later step
-            proc.send_signal(sig)
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
             break
         time.sleep(0.002)
     proc.wait(timeout=120)
@@ -190,6 +194,32 @@ def test_bf16_with_zero_resumes_bit_for_bit(shard, tokenizer_dir, tmp_path):
     assert_same_weights(reference, out)
 
 
+@pytest.fixture(scope="module")
+def two_ranks(shard, tokenizer_dir, tmp_path_factory):
+    """An uninterrupted run on two data-parallel ranks under ZeRO stage 1 (bf16)."""
+    out = tmp_path_factory.mktemp("two-ranks") / "model"
+    run(command(shard, tokenizer_dir, out, precision="bf16", zero_stage=1) + ["--processes", "2"])
+    return out
+
+
+@pytest.mark.parametrize("group", [True, False], ids=["slurm-signals-the-step", "kill-the-command"])
+def test_two_ranks_preempted_under_zero_resume_bit_for_bit(group, shard, tokenizer_dir, two_ranks, tmp_path):
+    """Under ZeRO every tensor of a resume state is gathered on both ranks, one at a time,
+    while rank 0 writes it. A SIGTERM to every process (Slurm's preemption) or to the
+    command alone (`kill PID`) reaches the ranks through the DeepSpeed launcher; the
+    command returns only after they saved, with 143, and a rerun ends where the
+    uninterrupted run did."""
+    out = tmp_path / "preempted"
+    cmd = command(shard, tokenizer_dir, out, precision="bf16", zero_stage=1) + ["--processes", "2"]
+    proc = start_and_signal(cmd, out, 8, signal.SIGTERM, group=group)
+    stderr = proc.stderr.read()
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "SIGTERM: saved state at step" in stderr
+    assert not (out / mm.WEIGHTS).exists()
+    assert "resuming seed" in run(cmd).stderr
+    assert_same_weights(two_ranks, out)
+
+
 def test_a_merge_killed_at_any_moment_leaves_a_complete_checkpoint_or_none(tmp_path, tiny_model_config):
     """SIGKILL a merge at random moments: its output is absent or verifies; a rerun clears the debris."""
     from tests.conftest import make_checkpoint
@@ -223,13 +253,16 @@ def test_states_of_earlier_settings_never_crowd_out_a_new_runs(tmp_path):
     """After a NaN stop and a rerun with another learning rate, the old run's states sit at
     higher steps. Keeping "the newest two" by step would delete each new state as it is
     written; the new run's own newest two are what must stay."""
+    from mergemix.io import TensorStream
     from mergemix.train import drop_resume_from, latest_resume, save_resume
 
-    weights, moments = {"w": torch.ones(3)}, {"w.exp_avg": torch.zeros(3)}
+    def stream(name):
+        return TensorStream({name: ("F32", (3,))}, iter([(name, torch.ones(3).numpy())]))
+
     for step in (450, 500):
-        save_resume(tmp_path, weights, moments, step, [], key="old")
+        save_resume(tmp_path, stream("w"), stream("exp_avg.w"), step, [], key="old")
     for step in (50, 100, 150):
-        save_resume(tmp_path, weights, moments, step, [], key="new")
+        save_resume(tmp_path, stream("w"), stream("exp_avg.w"), step, [], key="new")
     states = sorted(p.name for p in (tmp_path / ".resume").iterdir())
     assert states == ["step-00000100", "step-00000150"], states
     assert latest_resume(tmp_path, "new").name == "step-00000150"
@@ -242,11 +275,12 @@ def test_a_tied_embedding_model_writes_resume_states(tmp_path):
     are written as copies, and the state loads back with both."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from mergemix.io import TensorStream
     from mergemix.train import full_weights, latest_resume, save_resume
 
     model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=32))
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
-    save_resume(tmp_path, full_weights(model), {}, 4, [], key="k")
+    save_resume(tmp_path, full_weights(model), TensorStream({}, iter([])), 4, [], key="k")
     saved = load_file(latest_resume(tmp_path, "k") / mm.WEIGHTS)
     assert torch.equal(saved["lm_head.weight"], saved["transformer.wte.weight"])
     assert torch.equal(saved["lm_head.weight"], model.lm_head.weight.detach())

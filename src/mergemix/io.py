@@ -20,7 +20,8 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -294,15 +295,18 @@ ELEMENT_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 
 
 def save_tensors_streamed(layout: dict[str, tuple[str, tuple[int, ...]]], tensors: Iterable[tuple[str, Any]],
-                          path: str | Path, metadata: dict[str, str] | None = None) -> str:
+                          path: str | Path, metadata: dict[str, str] | None = None, sync: bool = False) -> str:
     """Write a safetensors file one tensor at a time; returns the file's sha256.
 
     `save_file` needs every tensor in memory at once. Here the header is fixed first from
     `layout` (name -> (safetensors dtype, shape), in file order) and each tensor's bytes
     are written as `tensors` yields them, so a merge holds one output tensor, not a whole
-    model. The hash is taken of the bytes as they go out, so the file is not read back.
-    Tensors are numpy arrays holding the bytes of their safetensors dtype (bfloat16 as
-    uint16 bit patterns). Write failures are raised as OSError naming `path`.
+    model, and training gathers one tensor of its state at a time. The hash is taken of
+    the bytes as they go out, so the file is not read back. Tensors are numpy arrays
+    holding the bytes of their safetensors dtype (bfloat16 as uint16 bit patterns).
+    `sync` puts the file on disk before returning (a resume state must survive a crash
+    of the node; a merged model, a temporary output, need not). Write failures are
+    raised as OSError naming `path`.
     """
     import numpy as np
 
@@ -328,11 +332,38 @@ def save_tensors_streamed(layout: dict[str, tuple[str, tuple[int, ...]]], tensor
                     raise ValueError(f"tensor '{name}' is not of dtype {dtype}")
                 fh.write(data)
                 digest.update(data)
+            if sync:
+                fh.flush()
+                os.fsync(fh.fileno())
     except OSError as exc:
         if exc.filename is None:  # a failed write() names no file
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     return digest.hexdigest()
+
+
+@dataclass
+class TensorStream:
+    """The tensors of one safetensors file, announced before they are made.
+
+    `layout` maps each name to (safetensors dtype, shape), in file order; `items` yields
+    (name, numpy array) in that order, each made only when it is asked for. Training's
+    states come this way: under ZeRO each tensor is a gather that every rank must make,
+    so rank 0 `save`s the stream and the other ranks `drain` it, and no rank ever holds
+    more than one tensor of it.
+    """
+
+    layout: dict[str, tuple[str, tuple[int, ...]]]
+    items: Iterator[tuple[str, Any]]
+
+    def save(self, path: str | Path, metadata: dict[str, str] | None = None, sync: bool = True) -> str:
+        """Write the stream to `path` (on disk when this returns, unless not `sync`); its sha256."""
+        return save_tensors_streamed(self.layout, self.items, path, metadata, sync=sync)
+
+    def drain(self) -> None:
+        """Make every tensor and drop it: a rank that does not write takes part in the gathers."""
+        for _ in self.items:
+            pass
 
 
 def read_json(path: str | Path) -> Any:

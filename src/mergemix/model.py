@@ -247,19 +247,25 @@ def save(
 ) -> dict[str, Any]:
     """Write model + sidecar atomically; model.safetensors is moved into place last.
 
-    `extra` maps file names to tensor dicts saved as additional safetensors files (the
-    seed's optimizer state). A seed's `seed_sha256` is the hash of its own weights.
+    `extra` maps file names to the tensors of additional safetensors files (the seed's
+    optimizer state), each a dict or an io.TensorStream (written as it is gathered). A
+    seed's `seed_sha256` is the hash of its own weights.
     """
 
     with io.StagingDir(out) as stage:
         state = untied({k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()})
         model.config.save_pretrained(stage.path)
         io.save_tensors(state, stage.path / WEIGHTS, metadata={"format": "pt"})
+        hashes = {}
         for name, tensors in (extra or {}).items():
-            io.save_tensors(tensors, stage.path / name, metadata={"format": "pt"})
+            if isinstance(tensors, io.TensorStream):
+                hashes[name] = tensors.save(stage.path / name, metadata={"format": "pt"})
+            else:
+                io.save_tensors(tensors, stage.path / name, metadata={"format": "pt"})
+                hashes[name] = io.sha256_file(stage.path / name)
         sidecar = {**sidecar, "weights_sha256": io.sha256_file(stage.path / WEIGHTS)}
         if extra:  # checked by verify_file before use: every model trained from a seed reads its moments
-            sidecar["files_sha256"] = {name: io.sha256_file(stage.path / name) for name in sorted(extra)}
+            sidecar["files_sha256"] = dict(sorted(hashes.items()))
         if is_seed:
             sidecar["seed_sha256"] = sidecar["weights_sha256"]
         io.write_json(stage.path / SIDECAR, sidecar)

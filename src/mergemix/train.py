@@ -145,7 +145,21 @@ def lr_at(step: int, total: int, phase: PhaseConfig) -> float:
 # ZeRO (stages 1 and 2, fp32 or bf16) they live in flat fp32 partitions behind the
 # engine's optimizer, reached per parameter through deepspeed.utils' safe_get/safe_set
 # calls, which gather across the ranks: every rank must make them, in the same order.
+#
+# A state is saved and loaded one tensor at a time (io.TensorStream out, safe_open in):
+# at the paper's 1.1B model the weights and two moments are 13 GB, and holding them whole
+# on each of a node's eight ranks, as the gathers did before, would need 105 GB of it.
 MOMENTS = ("exp_avg", "exp_avg_sq")
+_SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _stored(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor's bytes on the CPU as io.save_tensors_streamed writes them (bfloat16 as uint16 bits)."""
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    return tensor.numpy()
 
 
 def _zero(param: torch.nn.Parameter) -> bool:
@@ -171,78 +185,112 @@ def moment_count(path: Path) -> int:
         return sum(key.startswith("exp_avg.") for key in f.keys())
 
 
-def optimizer_state(model: torch.nn.Module, optimizer: Any) -> dict[str, torch.Tensor]:
-    """AdamW moments keyed by parameter name (float32, CPU), for continued pretraining and resumes."""
+def optimizer_state(model: torch.nn.Module, optimizer: Any) -> io.TensorStream:
+    """AdamW moments keyed by parameter name (float32), for continued pretraining and
+    resumes, gathered one parameter at a time as the stream is read. Every rank must read
+    it to the end, rank 0 to save it and the others to `drain` it."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
-    out: dict[str, torch.Tensor] = {}
-    for name, param in model.named_parameters():
-        if _zero(param):
-            avg, sq = (safe_get_full_optimizer_state(param, key) for key in MOMENTS)
-            step = next(iter(optimizer.optimizer.state.values()))["step"]  # ZeRO's flat partitions step together
-        else:
-            state = optimizer.state.get(param, {})
-            if "exp_avg" not in state:
-                continue
-            avg, sq, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
-        out[f"exp_avg.{name}"] = avg.detach().float().cpu().contiguous()
-        out[f"exp_avg_sq.{name}"] = sq.detach().float().cpu().contiguous()
-        out[f"step.{name}"] = torch.tensor([float(step)], dtype=torch.float32)
-    return out
+    held = [(name, param) for name, param in model.named_parameters()
+            if _zero(param) or "exp_avg" in optimizer.state.get(param, {})]
+    layout: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for name, param in held:
+        for moment in MOMENTS:
+            layout[f"{moment}.{name}"] = ("F32", tuple(param.shape))
+        layout[f"step.{name}"] = ("F32", (1,))
+
+    def items():
+        for name, param in held:
+            if _zero(param):
+                avg, sq = (safe_get_full_optimizer_state(param, key) for key in MOMENTS)
+                step = next(iter(optimizer.optimizer.state.values()))["step"]  # ZeRO's flat partitions step together
+            else:
+                state = optimizer.state[param]
+                avg, sq, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
+            yield f"exp_avg.{name}", _stored(avg.float())
+            yield f"exp_avg_sq.{name}", _stored(sq.float())
+            yield f"step.{name}", np.array([float(step)], dtype=np.float32)
+
+    return io.TensorStream(layout, items())
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: Any, path: Path) -> int:
     """Put saved AdamW moments into the engine's optimizer (after deepspeed.initialize, so
-    they land on the parameters' device and in ZeRO's partitions); returns how many
-    tensors were set."""
+    they land on the parameters' device and in ZeRO's partitions), reading one tensor at a
+    time; returns how many parameters' moments were set."""
     from deepspeed.utils import safe_set_full_optimizer_state
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
-    saved = load_file(path)
-    if any(_zero(param) for param in model.parameters()):
-        steps = [k for k in saved if k.startswith("step.")]
-        if steps:  # AdamW steps every parameter together: one count for all
-            _zero_create_state(optimizer, saved[steps[0]].reshape(()))
-    count = 0
-    for name, param in model.named_parameters():
-        key = f"exp_avg.{name}"
-        if key not in saved:
-            raise TrainError(f"optimizer state {path} has no moments for parameter '{name}': the seed does not match the model")
-        if saved[key].shape != param.shape:
-            raise TrainError(f"optimizer state {path}: '{name}' has shape {tuple(saved[key].shape)}, the model {tuple(param.shape)}")
-        if _zero(param):
-            for moment in MOMENTS:
-                safe_set_full_optimizer_state(param, saved[f"{moment}.{name}"].to(param.device), moment)
-        else:
-            optimizer.state[param] = {
-                "step": saved[f"step.{name}"].reshape(()).clone(),
-                **{moment: saved[f"{moment}.{name}"].to(param.device, param.dtype) for moment in MOMENTS},
-            }
-        count += 1
+    with safe_open(path, "pt") as saved:
+        keys = set(saved.keys())
+        if any(_zero(param) for param in model.parameters()):
+            steps = sorted(k for k in keys if k.startswith("step."))
+            if steps:  # AdamW steps every parameter together: one count for all
+                _zero_create_state(optimizer, saved.get_tensor(steps[0]).reshape(()))
+        count = 0
+        for name, param in model.named_parameters():
+            key = f"exp_avg.{name}"
+            if key not in keys:
+                raise TrainError(f"optimizer state {path} has no moments for parameter '{name}': "
+                                 "the seed does not match the model")
+            shape = tuple(saved.get_slice(key).get_shape())
+            if shape != tuple(param.shape):
+                raise TrainError(f"optimizer state {path}: '{name}' has shape {shape}, the model {tuple(param.shape)}")
+            if _zero(param):
+                for moment in MOMENTS:
+                    safe_set_full_optimizer_state(param, saved.get_tensor(f"{moment}.{name}").to(param.device), moment)
+            else:
+                optimizer.state[param] = {
+                    "step": saved.get_tensor(f"step.{name}").reshape(()),
+                    **{m: saved.get_tensor(f"{m}.{name}").to(param.device, param.dtype) for m in MOMENTS},
+                }
+            count += 1
     return count
 
 
-def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors on the CPU, each parameter at the precision the optimizer keeps
-    it (ZeRO's fp32 copy under bf16), so a resume continues from the same numbers."""
+def full_weights(model: torch.nn.Module) -> io.TensorStream:
+    """The model's tensors, each parameter at the precision the optimizer keeps it (ZeRO's
+    fp32 copy under bf16), so a resume continues from the same numbers. Gathered one at
+    a time as the stream is read: every rank must read it to the end, as `optimizer_state`.
+    Tied tensors (a GPT-2 seed's embedding and output layer) are written under both names."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    for name, param in model.named_parameters():
-        if _zero(param):
-            state[name] = safe_get_full_fp32_param(param)
-    # Tied tensors (a GPT-2 seed's embedding and output layer) still share memory on the
-    # CPU, which safetensors refuses to save: give each its own copy, as `mm.save` does.
-    return mm.untied({k: v.cpu().contiguous() for k, v in state.items()})
+    state = model.state_dict()
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied names too
+    zero = {name for name, param in params.items() if _zero(param)}
+    layout = {name: ("F32" if name in zero else _SAFETENSORS_DTYPE[tensor.dtype], tuple(tensor.shape))
+              for name, tensor in state.items()}
+
+    def items():
+        for name, tensor in state.items():
+            yield name, _stored(safe_get_full_fp32_param(params[name]) if name in zero else tensor)
+
+    return io.TensorStream(layout, items())
 
 
-def restore_full_weights(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Copy a resume state's weights into the model (before deepspeed.initialize), one tensor at a time."""
+    from safetensors import safe_open
+
+    state = model.state_dict()
+    with safe_open(path, "pt") as saved, torch.no_grad():
+        missing = sorted(set(state) ^ set(saved.keys()))
+        if missing:
+            raise TrainError(f"resume state {path} does not fit the model: tensor '{missing[0]}' is in one, "
+                             "not the other; delete the folder's .resume to start over")
+        for name, tensor in state.items():
+            tensor.copy_(saved.get_tensor(name))
+
+
+def restore_full_weights(model: torch.nn.Module, path: Path) -> None:
     """Give ZeRO back the fp32 copies `full_weights` saved (it built its own from bf16)."""
     from deepspeed.utils import safe_set_full_fp32_param
+    from safetensors import safe_open
 
-    for name, param in model.named_parameters():
-        if _zero(param):
-            safe_set_full_fp32_param(param, saved[name].to(param.device))
+    with safe_open(path, "pt") as saved:
+        for name, param in model.named_parameters():
+            if _zero(param):
+                safe_set_full_fp32_param(param, saved.get_tensor(name).to(param.device))
 
 
 # --- resumable state -------------------------------------------------------------------
@@ -255,20 +303,19 @@ def fingerprint(**what: Any) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def save_resume(out: Path, weights: dict[str, torch.Tensor], moments: dict[str, torch.Tensor], step: int,
+def save_resume(out: Path, weights: io.TensorStream, moments: io.TensorStream, step: int,
                 metrics: list[dict[str, Any]], key: str) -> Path:
     """Write `out/.resume/step-NNNNNNNN/` atomically (a folder renamed into place), then drop older ones.
 
-    `weights` and `moments` come from `full_weights` and `optimizer_state`, which every
-    rank computes (ZeRO gathers them); rank 0 alone writes.
+    `weights` and `moments` come from `full_weights` and `optimizer_state`; rank 0 saves
+    them here while the other ranks drain theirs (ZeRO gathers each tensor on all ranks).
     """
     root = out / RESUME_DIR
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"step-{step:08d}"
     with io.StagingDir(target) as stage:
-        io.save_tensors(weights, stage.path / mm.WEIGHTS)
-        io.save_tensors(moments, stage.path / OPTIMIZER_FILE)
-        hashes = {name: io.sha256_file(stage.path / name) for name in (mm.WEIGHTS, OPTIMIZER_FILE)}
+        hashes = {mm.WEIGHTS: weights.save(stage.path / mm.WEIGHTS),
+                  OPTIMIZER_FILE: moments.save(stage.path / OPTIMIZER_FILE)}
         io.write_json(stage.path / "state.json", {"step": step, "fingerprint": key, "metrics": metrics,
                                                   "files_sha256": hashes})
         if target.exists():  # written by an earlier attempt with other settings
@@ -383,17 +430,57 @@ def launch(processes: int, argv: list[str]) -> int:
     """Rerun this command as `processes` data-parallel ranks under the DeepSpeed launcher.
 
     One rank per GPU when GPUs are visible, CPU processes otherwise (the test here). The
-    launcher sets RANK/WORLD_SIZE/MASTER_* for each rank and forwards SIGTERM to them.
+    launcher sets RANK/WORLD_SIZE/MASTER_* for each rank.
+
+    A SIGTERM (or SIGINT) reaches the ranks whichever process it is sent to, and this
+    process returns only when every rank has saved its state and stopped. The chain is
+    this process -> DeepSpeed's runner -> its launcher -> the ranks. Slurm's preemption
+    signals every process of the job step: the runner dies at once (it has no handler on
+    one node) and the launcher gives the ranks 30 s; if this process died as well, the
+    step would end and Slurm would kill the ranks in the middle of saving. `kill PID`
+    signals this process alone, so it passes the signal on to everything under it. As
+    the child subreaper (Linux) it inherits the launcher when the runner dies, and
+    waits for it.
     """
+    import ctypes
     import subprocess
+
+    import psutil  # a DeepSpeed dependency
 
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(processes),
            "--master_port", str(free_port()), "--module", "mergemix.train", *argv]
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
+    prctl = getattr(ctypes.CDLL(None), "prctl", None)  # Linux only
+    if prctl is not None:
+        PR_SET_CHILD_SUBREAPER = 36
+        prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    received: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        received.append(signum)
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                proc.send_signal(signum)
+            except psutil.NoSuchProcess:
+                pass
+
     log.info("launching %d ranks: %s", processes, " ".join(cmd))
-    return subprocess.call(cmd, env=env)
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = subprocess.Popen(cmd, env=env).wait()
+        while True:  # the launcher (and the ranks), if the runner died before them
+            try:
+                os.wait()
+            except ChildProcessError:
+                break
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        return 128 + received[0]  # preempted: the ranks saved; a rerun resumes
+    return 128 - code if code < 0 else code
 
 
 def micro_batches(batch_size: int, tcfg: TrainConfig, world_size: int = 1) -> tuple[int, int]:
@@ -485,12 +572,8 @@ def train(
                       init=seed_sha, tokenizer=tok_hash)
     start, metrics = 0, []
     resume = latest_resume(out, key)
-    resumed = None
     if resume is not None:
-        from safetensors.torch import load_file
-
-        resumed = load_file(resume / mm.WEIGHTS)
-        model.load_state_dict(resumed)
+        load_weights(model, resume / mm.WEIGHTS)
         state = io.read_json(resume / "state.json")
         start, metrics = state["step"], state["metrics"]
         log.info("resuming %s from %s (step %d of %d)", kind, resume, start, steps)
@@ -506,7 +589,7 @@ def train(
     carried = 0
     if resume is not None:  # the resume state's moments, not the seed's (loading both would
         # create ZeRO's optimizer state twice, and DeepSpeed links parameters to it once)
-        restore_full_weights(engine.module, resumed)
+        restore_full_weights(engine.module, resume / mm.WEIGHTS)
         load_optimizer_state(engine.module, optimizer, resume / OPTIMIZER_FILE)
         carried = moment_count(seed_moments) if seed_moments else 0  # what the first attempt carried
     elif seed_moments:
@@ -555,6 +638,9 @@ def train(
             weights, moments = full_weights(engine.module), optimizer_state(engine.module, optimizer)
             if rank0:
                 save_resume(out, weights, moments, done, metrics, key)
+            else:
+                weights.drain()
+                moments.drain()
         if stop:
             log.warning("SIGTERM: saved state at step %d of %d in %s; rerun to resume", done, steps, out / RESUME_DIR)
             raise SystemExit(143)
@@ -576,12 +662,14 @@ def train(
         "phase": asdict(phase),
         "random_seed": seed,
     }
-    extra = {OPTIMIZER_FILE: optimizer_state(engine.module, optimizer)} if kind == "seed" else None
+    moments = optimizer_state(engine.module, optimizer) if kind == "seed" else None
     if rank0:
-        module = engine.module
         _write_metrics(out / METRICS_FILE, metrics)
-        sidecar = mm.save(module, out, sidecar, extra, is_seed=kind == "seed")
+        extra = {OPTIMIZER_FILE: moments} if moments is not None else None
+        sidecar = mm.save(engine.module, out, sidecar, extra, is_seed=kind == "seed")
         shutil.rmtree(out / RESUME_DIR, ignore_errors=True)
+    elif moments is not None:
+        moments.drain()
     return sidecar
 
 
