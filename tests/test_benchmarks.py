@@ -75,6 +75,15 @@ def test_prepare_benchmark_tiny():
     assert re.search(r"^goal (PASS|FAIL): tokenize peak anonymous memory grows by under 256 bytes a document", out, re.M)
 
 
+def test_checkpoint_benchmark_tiny():
+    """Two ranks, with and without resume states; the script itself refuses a run in which
+    the states were not written, or the ranks were not found and sampled."""
+    out = bench("checkpoint.py", "--tiny", "--steps", "3")
+    for rank in (0, 1):
+        assert re.search(rf"^\| {rank} \| \d+ \| \d+ \| -?\d+ \| -?[\d.]+ \|$", out, re.M), out
+    assert number(r"ratio: the most a rank's peak grows with resume states / the model's size: (-?[\d.]+)", out) is not None
+
+
 def test_train_benchmark_gpu_path_refuses_without_cuda():
     import torch
 

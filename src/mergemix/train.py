@@ -279,6 +279,10 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
             raise TrainError(f"resume state {path} does not fit the model: tensor '{missing[0]}' is in one, "
                              "not the other; delete the folder's .resume to start over")
         for name, tensor in state.items():
+            shape = tuple(saved.get_slice(name).get_shape())
+            if shape != tuple(tensor.shape):
+                raise TrainError(f"resume state {path}: tensor '{name}' has shape {shape}, the model "
+                                 f"{tuple(tensor.shape)}; delete the folder's .resume to start over")
             tensor.copy_(saved.get_tensor(name))
 
 
@@ -426,6 +430,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+LAUNCHER_GRACE_S = 60  # DeepSpeed's launcher gives its ranks 30 s to stop once it is signalled
+
+
 def launch(processes: int, argv: list[str]) -> int:
     """Rerun this command as `processes` data-parallel ranks under the DeepSpeed launcher.
 
@@ -440,7 +447,8 @@ def launch(processes: int, argv: list[str]) -> int:
     step would end and Slurm would kill the ranks in the middle of saving. `kill PID`
     signals this process alone, so it passes the signal on to everything under it. As
     the child subreaper (Linux) it inherits the launcher when the runner dies, and
-    waits for it.
+    waits for it (at most LAUNCHER_GRACE_S, then it kills what is left). It returns 0
+    when the ranks finished, 128 + the signal's number when one stopped them.
     """
     import ctypes
     import subprocess
@@ -458,28 +466,50 @@ def launch(processes: int, argv: list[str]) -> int:
         prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     received: list[int] = []
 
-    def forward(signum: int, frame: Any) -> None:
-        received.append(signum)
-        for proc in psutil.Process().children(recursive=True):
+    def signal_tree(signum: int) -> None:
+        try:
+            procs = psutil.Process().children(recursive=True)
+        except psutil.Error:
+            return
+        for proc in procs:
             try:
                 proc.send_signal(signum)
-            except psutil.NoSuchProcess:
+            except psutil.Error:  # gone, or not ours to signal
                 pass
 
+    def forward(signum: int, frame: Any) -> None:
+        received.append(signum)
+        signal_tree(signum)
+
     log.info("launching %d ranks: %s", processes, " ".join(cmd))
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # A signal ignored by whoever started this command (nohup) stays ignored.
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)
+                if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
-        code = subprocess.Popen(cmd, env=env).wait()
-        while True:  # the launcher (and the ranks), if the runner died before them
-            try:
-                os.wait()
-            except ChildProcessError:
-                break
+        runner = subprocess.Popen(cmd, env=env)
+        if received:  # it came before the runner existed
+            signal_tree(received[0])
+        code = runner.wait()
+        # Whatever is left under this process (the launcher and its ranks, if the runner
+        # died before them) is told to stop, if it was not already, and given the time
+        # the launcher gives its ranks to save, and a margin; what remains is killed.
+        left = psutil.Process().children(recursive=True)
+        if left:
+            signal_tree(received[0] if received else signal.SIGTERM)
+            _, alive = psutil.wait_procs(left, timeout=LAUNCHER_GRACE_S)
+            for proc in alive:
+                try:
+                    proc.kill()
+                except psutil.Error:
+                    pass
+            psutil.wait_procs(alive, timeout=5)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if code == 0:
+        return 0  # the ranks finished (a signal came too late to stop them)
     if received:
-        return 128 + received[0]  # preempted: the ranks saved; a rerun resumes
+        return 128 + received[0]  # preempted: the ranks saved what they could; a rerun resumes
     return 128 - code if code < 0 else code
 
 
@@ -595,6 +625,7 @@ def train(
     elif seed_moments:
         carried = load_optimizer_state(engine.module, optimizer, mm.verify_file(init, OPTIMIZER_FILE))
     rank0 = engine.global_rank == 0
+    gathers = any(_zero(param) for param in engine.module.parameters())  # saving a state is collective
     micro, _ = micro_batches(phase.batch_size, tcfg, world)
     share = phase.batch_size // world
     mine = slice(engine.global_rank * share, (engine.global_rank + 1) * share)  # this rank's share of a batch
@@ -638,7 +669,7 @@ def train(
             weights, moments = full_weights(engine.module), optimizer_state(engine.module, optimizer)
             if rank0:
                 save_resume(out, weights, moments, done, metrics, key)
-            else:
+            elif gathers:  # take part in ZeRO's gathers (without ZeRO there are none to join)
                 weights.drain()
                 moments.drain()
         if stop:
@@ -668,7 +699,7 @@ def train(
         extra = {OPTIMIZER_FILE: moments} if moments is not None else None
         sidecar = mm.save(engine.module, out, sidecar, extra, is_seed=kind == "seed")
         shutil.rmtree(out / RESUME_DIR, ignore_errors=True)
-    elif moments is not None:
+    elif moments is not None and gathers:
         moments.drain()
     return sidecar
 
