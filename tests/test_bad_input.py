@@ -280,20 +280,33 @@ def test_unknown_tokenizer_name(kind, tmp_path):
     assert_nothing_left(out)
 
 
+@pytest.mark.parametrize("stage", ["shards", "tokenizer", "decontaminate"])
 @pytest.mark.parametrize("damage, message", [
     ("not parquet", "is not a readable parquet file"),
     ("no text column", "has no 'text' column"),
 ])
-def test_partition_file_that_tokenization_cannot_read(damage, message, tokenizer_dir, tmp_path):
+def test_partition_file_that_cannot_be_read(damage, message, stage, tokenizer_dir, tmp_path):
+    """Tokenizing a partition, training a tokenizer on it, decontaminating it."""
     part = tmp_path / "parts" / "docs.parquet"
     part.parent.mkdir()
     if damage == "not parquet":
         part.write_bytes(b"PAR1 cut short by a crash")
     else:
         pl.DataFrame({"body": ["one document", "another"]}).write_parquet(part)
-    out = tmp_path / "tokens"
-    line = error_line(run("-m", "mergemix.tokenize", "shards", "--input", str(part), "--tokenizer", str(tokenizer_dir),
-                          "--out-dir", str(out), "--heldout-fraction", "0.5", "--segment-chars", "100"))
+    out = tmp_path / "out"
+    if stage == "shards":
+        args = ["-m", "mergemix.tokenize", "shards", "--input", part, "--tokenizer", tokenizer_dir,
+                "--out-dir", out, "--heldout-fraction", "0.5", "--segment-chars", "100"]
+    elif stage == "tokenizer":
+        args = ["-m", "mergemix.tokenize", "tokenizer", "--input", part, "--vocab-size", "300", "--out-dir", out]
+    else:
+        from mergemix import decontaminate as dc
+
+        pl.DataFrame({"text": ["an evaluation document"]}).write_parquet(tmp_path / "ood.parquet")
+        dc.build_filter([dc.EvalSet("ood", tmp_path / "ood.parquet", 1.0, 0)], 13, 1e-6, tmp_path / "filter.json")
+        args = ["-m", "mergemix.decontaminate", "partition", "--input", part, "--filter", tmp_path / "filter.json",
+                "--out", out / "docs.parquet", "--report", out / "docs.json"]
+    line = error_line(run(*map(str, args)))
     assert str(part) in line and message in line and "rerun its partition rule" in line, line
     assert_nothing_left(out)
 

@@ -163,6 +163,23 @@ def test_partition_by_two_columns_parquet(tmp_path: Path) -> None:
     assert {k: v["n_docs"] for k, v in summary.items()} == {"jeffersonian": 2, "1850s-Dem": 2, "1790s-Fed": 1}
 
 
+def test_string_view_text_is_partitioned_and_written_as_string(tmp_path: Path) -> None:
+    """`datasets` passes a parquet file's string_view column through as it is; pyarrow has
+    no kernels for it in the steps partitioning takes, so each batch is cast on the way."""
+    table = pa.table({"text": pa.array([t for t, _, _ in DOCS], type=pa.string_view()),
+                      "decade": [d for _, d, _ in DOCS]})
+    src = tmp_path / "docs.parquet"
+    pq.write_table(table, src)
+    spec = make_spec([src], load={"path": "parquet", "data_files": [str(src)], "split": "train"},
+                     text_column="text", rename={}, partitions=["1790s", "1860s"])
+    summary = write_partitions(spec, tmp_path / "out")
+    written = pq.read_table(tmp_path / "out" / "1790s.parquet")
+    assert written.schema.field("text").type == pa.string()
+    assert written["text"].to_pylist() == ["alpha one", "alpha two"]
+    assert read(tmp_path / "out" / "1860s.parquet")["text"] == ["delta one"]  # the blank and the null dropped
+    assert summary["1860s"]["n_docs"] == 1
+
+
 def test_integer_metadata_and_max_docs_sampling(tmp_path: Path) -> None:
     rows = [{"text": f"doc {i}", "year": 1850 + i % 2} for i in range(40)]
     src = write_jsonl(tmp_path / "docs.jsonl", rows)

@@ -102,3 +102,19 @@ def test_parquet_rows_bounds_its_row_groups_and_writes_atomically(tmp_path):
             w.write(table.to_batches()[0].slice(0, 4))
             raise RuntimeError("killed midway")
     assert (tmp_path / "t.parquet").read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["t.parquet"]
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_parquet_rows_failing_at_its_end_leaves_one_error_and_no_file(tmp_path):
+    """A batch that does not fit the schema fails in the final flush: the writer is closed
+    then and there, not by the garbage collector, which would write a footer into the
+    closed file and print a second traceback."""
+    import gc
+
+    import pyarrow as pa
+
+    with pytest.raises(pa.ArrowInvalid):
+        with io.StreamedFile(tmp_path / "t.parquet") as out, io.ParquetRows(out, pa.schema([("text", pa.string())])) as w:
+            w.write(pa.record_batch([pa.array([1, 2])], names=["n"]))
+    gc.collect()
+    assert list(tmp_path.iterdir()) == []

@@ -1042,7 +1042,7 @@ def write_partitions(spec: dict, out_dir: Path, write_summary: bool = True) -> d
     # batch below, and only the key columns and a few integers per document are held.
     table = table.select([ps.text_column, *ps.partition_by]).rename_columns(["text", *ps.partition_by])
     keep = np.concatenate([np.zeros(0, dtype=bool)] + [
-        pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(batch.column(0))), 0), False)
+        pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(_plain_text(batch).column(0))), 0), False)
         .to_numpy(zero_copy_only=False)
         for batch in table.select(["text"]).to_batches(max_chunksize=_READ_ROWS)
     ])
@@ -1101,23 +1101,32 @@ def write_partitions(spec: dict, out_dir: Path, write_summary: bool = True) -> d
     return summary
 
 
+def _plain_schema(schema: pa.Schema) -> pa.Schema:
+    """`schema` with a string_view text column (its first) made string: pyarrow's compute
+    functions and `take` have no string_view kernels, and not every parquet reader reads it."""
+    text_type = schema.field(0).type
+    if pa.types.is_string(text_type) or pa.types.is_large_string(text_type):
+        return schema
+    return schema.set(0, pa.field(schema.names[0], pa.string()))
+
+
+def _plain_text(batch: pa.RecordBatch) -> pa.RecordBatch:
+    schema = _plain_schema(batch.schema)
+    return batch if schema is batch.schema else batch.cast(schema)
+
+
 def _write_rows(table: pa.Table, rows: np.ndarray, path: Path) -> int:
     """Write the given rows (sorted source row numbers) of `table` to `path` as zstd parquet,
     reading the source _READ_ROWS rows at a time and writing row groups of _ROW_GROUP_SIZE
     rows (fewer where their text passes _ROW_GROUP_BYTES); returns the characters written."""
-    schema = table.schema
-    text_type = schema.field("text").type
-    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
-        schema = schema.set(0, pa.field("text", pa.string()))  # string_view: not every parquet reader supports it
+    schema = _plain_schema(table.schema)
     n_chars = 0
     start = 0
     with ParquetRows(path, schema, _ROW_GROUP_SIZE, _ROW_GROUP_BYTES) as out:
         for batch in table.to_batches(max_chunksize=_READ_ROWS):
             lo, hi = np.searchsorted(rows, [start, start + batch.num_rows])
             if lo < hi:
-                taken = batch.take(pa.array(rows[lo:hi] - start))
-                if taken.schema != schema:
-                    taken = taken.cast(schema)
+                taken = _plain_text(batch).take(pa.array(rows[lo:hi] - start))
                 n_chars += int(pc.sum(pc.utf8_length(taken.column(0))).as_py() or 0)
                 out.write(taken)
             start += batch.num_rows

@@ -210,10 +210,14 @@ class EvalSet:
 
 
 def open_partition(path: Path) -> pq.ParquetFile:
-    """A partition file, refusing a missing file or one without a text column."""
+    """A partition file, refusing a missing or unreadable file and one without a text column."""
     if not path.is_file():
         raise DecontaminateError(f"partition file {path} is missing: run its partition rule first")
-    source = pq.ParquetFile(path)
+    try:
+        source = pq.ParquetFile(path)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise DecontaminateError(f"partition file {path} is not a readable parquet file ({exc}): "
+                                 "delete it and rerun its partition rule") from exc
     if "text" not in source.schema_arrow.names:
         raise DecontaminateError(
             f"{path} has no 'text' column (columns: {', '.join(source.schema_arrow.names)}): rerun its partition rule")

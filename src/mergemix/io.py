@@ -215,13 +215,22 @@ class ParquetRows:
 
     def __exit__(self, exc_type, exc_value, tb) -> None:
         if exc_type is None:  # what is pending, then the footer
-            self._flush(final=True)
+            try:
+                self._flush(final=True)
+            except BaseException:
+                self._abandon()
+                raise
             self._writer.close()
             return
-        try:  # close now, not when collected (by then the file may be gone)
+        self._abandon()
+
+    def _abandon(self) -> None:
+        """Close the writer now, on the way out of an error: left to the garbage collector,
+        it would write its footer into a file already closed and print a traceback."""
+        try:
             self._writer.close()
-        except OSError:
-            pass  # a full disk, say: the error on its way out says so
+        except (OSError, ValueError):
+            pass  # a full disk, or a schema that does not fit: the error on its way out says so
 
 
 def write_text(path: str | Path, text: str, only_if_changed: bool = True) -> bool:

@@ -149,10 +149,38 @@ ENCODE_BATCH = 4096  # segments tokenized at a time
 COPY_TOKENS = 1 << 24  # tokens gathered per write when a shard is put in order
 
 
+def open_partition(partition_file: Path) -> pq.ParquetFile:
+    """A partition file, refusing a missing or unreadable file and one without a text column."""
+    if not partition_file.is_file():
+        raise TokenizeError(f"partition file {partition_file} is missing")
+    try:
+        source = pq.ParquetFile(partition_file)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise TokenizeError(f"partition file {partition_file} is not a readable parquet file ({exc}): "
+                            "delete it and rerun its partition rule") from exc
+    if "text" not in source.schema_arrow.names:
+        raise TokenizeError(f"partition file {partition_file} has no 'text' column: delete it and rerun its partition rule")
+    return source
+
+
 def read_texts(partition_file: Path, rows: int | None = None) -> Iterator[list[str]]:
-    """A partition file's `text` column, `rows` documents at a time (READ_ROWS)."""
-    for batch in pq.ParquetFile(partition_file).iter_batches(batch_size=rows or READ_ROWS, columns=["text"]):
-        yield batch.column(0).to_pylist()
+    """A partition file's `text` column, `rows` documents at a time (READ_ROWS); the file
+    is checked at the call, not at the first batch."""
+    source = open_partition(partition_file)
+    return (batch.column(0).to_pylist()
+            for batch in source.iter_batches(batch_size=rows or READ_ROWS, columns=["text"]))
+
+
+def _pread_all(fd: int, size: int, offset: int) -> bytes:
+    """`size` bytes at `offset`: one pread returns at most about 2 GiB on Linux."""
+    parts = []
+    while size:
+        part = os.pread(fd, size, offset)
+        if not part:
+            raise OSError(f"token spool ended {size} bytes early at offset {offset}")
+        parts.append(part)
+        size, offset = size - len(part), offset + len(part)
+    return b"".join(parts)
 
 
 class _Spool:
@@ -207,7 +235,7 @@ class _Spool:
             pending, n_pending = [], 0
             for d in order:
                 start, stop = seg_start[first_seg[d]], seg_start[first_seg[d + 1]]
-                pending.append(os.pread(fd, int(stop - start) * item, int(start) * item))
+                pending.append(_pread_all(fd, int(stop - start) * item, int(start) * item))
                 n_pending += stop - start
                 if n_pending >= COPY_TOKENS:
                     out.write(b"".join(pending))
@@ -269,16 +297,8 @@ def make_shards(
     memory holds a batch, not the partition (as Python strings and token lists, a
     partition of 1B tokens would take tens of GB).
     """
-    if not partition_file.is_file():
-        raise TokenizeError(f"partition file {partition_file} is missing")
+    source = open_partition(partition_file)
     name = f"{partition_file.parent.name}/{partition_file.stem}"
-    try:
-        source = pq.ParquetFile(partition_file)
-    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-        raise TokenizeError(f"partition file {partition_file} is not a readable parquet file ({exc}): "
-                            "delete it and rerun its partition rule") from exc
-    if "text" not in source.schema_arrow.names:
-        raise TokenizeError(f"partition file {partition_file} has no 'text' column: delete it and rerun its partition rule")
     n_docs = source.metadata.num_rows
     if not n_docs:
         raise TokenizeError(f"partition {name} ({partition_file}) has no documents: fix its definition in config.yaml")
