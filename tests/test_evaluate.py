@@ -25,15 +25,15 @@ def test_padded_batches_score_what_single_windows_score(tiny_model_config):
     model = mm.build(tiny_model_config, 512, 0).eval()
     rng = np.random.default_rng(0)
     windows = [w for n in (31, 5, 17, 1, 64, 9) for w in document_windows(rng.integers(1, 512, n), 0, 32)]
-    alone = sum(score_windows(model, [w], 1, 32) for w in windows)
-    batched = score_windows(model, windows, 4, 32)
+    alone = sum(score_windows(model, [w], 1) for w in windows)
+    batched = score_windows(model, windows, 4)
     assert len({len(x) for x, _ in windows}) > 3 and batched == pytest.approx(alone, rel=1e-6)
     # Reference by hand for one window: the summed NLL of its targets.
     x, y = windows[0]
     with torch.no_grad():
         logits = model(input_ids=torch.from_numpy(x)[None]).logits[0]
     by_hand = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y), reduction="sum").item()
-    assert score_windows(model, [windows[0]], 1, 32) == pytest.approx(by_hand, rel=1e-6)
+    assert score_windows(model, [windows[0]], 1) == pytest.approx(by_hand, rel=1e-6)
 
 
 def test_document_sample_is_seeded_and_capped():

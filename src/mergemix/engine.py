@@ -178,7 +178,7 @@ class Engine:
         rows = []
         for domain in domains:
             prepared = self.prepared(domain)
-            rows.append(domain_row(prepared, score_windows(self.model, prepared.windows, batch_size, self.context)))
+            rows.append(domain_row(prepared, score_windows(self.model, prepared.windows, batch_size)))
         return rows
 
 

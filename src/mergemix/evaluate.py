@@ -7,6 +7,8 @@ Perplexity is exp(total NLL / total tokens) over the domain's documents. Bits pe
 (total NLL / ln 2 / total UTF-8 bytes) is reported beside it because, unlike perplexity,
 it does not depend on the tokenizer. Documents per domain are sampled with a fixed
 seed and capped in number and tokens, so every model sees exactly the same documents.
+A "document" here is a segment of the token shards (config.yaml's `segment_chars`: long
+texts are cut into segments when tokenized), each with its own end-of-text context.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ def document_windows(tokens: np.ndarray, eos: int, context: int) -> list[tuple[n
 
 
 @torch.inference_mode()
-def score_windows(model: torch.nn.Module, windows: list[tuple[np.ndarray, np.ndarray]], batch_size: int, context: int) -> float:
+def score_windows(model: torch.nn.Module, windows: list[tuple[np.ndarray, np.ndarray]], batch_size: int) -> float:
     """Summed NLL (nats) of all targets of the windows."""
     device = next(model.parameters()).device
     total = 0.0
@@ -104,14 +106,14 @@ def score_windows(model: torch.nn.Module, windows: list[tuple[np.ndarray, np.nda
         width = len(batch[0][0])
         # Short windows are padded on the right and the padding is never scored (-100).
         # Attention is causal, so a real token attends only to real tokens before it and
-        # no attention mask is needed: without one the attention takes its causal fast
-        # path (flash attention on a GPU) instead of applying a mask tensor.
+        # no attention mask is needed: without one SDPA takes its causal fast path
+        # instead of applying a mask tensor.
         inputs = torch.zeros((len(batch), width), dtype=torch.long)
         targets = torch.full((len(batch), width), -100, dtype=torch.long)
         for row, (x, y) in enumerate(batch):
             inputs[row, : len(x)] = torch.from_numpy(x)
             targets[row, : len(y)] = torch.from_numpy(y)
-        logits = model(input_ids=inputs.to(device)).logits.float()
+        logits = model(input_ids=inputs.to(device), use_cache=False).logits.float()  # no key/value cache to fill
         total += torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), targets.to(device).reshape(-1), ignore_index=-100, reduction="sum"
         ).item()
@@ -189,7 +191,7 @@ def evaluate(model: torch.nn.Module, domains: list[Domain], max_docs: int, batch
     rows = []
     for domain in domains:
         prepared = prepare_domain(domain, context, vocab, max_docs, seed)
-        rows.append(domain_row(prepared, score_windows(model, prepared.windows, batch_size, context)))
+        rows.append(domain_row(prepared, score_windows(model, prepared.windows, batch_size)))
     return rows
 
 

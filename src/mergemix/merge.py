@@ -32,9 +32,9 @@ log = logging.getLogger(__name__)
 METHODS = ("micro", "macro", "weighted", "merged")
 # config.json keys that describe how a file was written, not the architecture.
 _NON_ARCH_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures"}
-# How each floating-point safetensors dtype is mapped into numpy (bfloat16 as its bits).
 # Elements of every input summed at a time: the sums of a block stay in the core's cache.
 BLOCK = 1 << 16
+# How each floating-point safetensors dtype is mapped into numpy (bfloat16 as its bits).
 _STORED = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
 
