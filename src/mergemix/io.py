@@ -270,35 +270,6 @@ def run_command(work: Callable[[], object], errors: tuple[type[Exception], ...])
     return 1
 
 
-def save_tensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors' save_file, with its I/O failures raised as OSError naming `path`.
-
-    safetensors reports a full disk as SafetensorError("... (os error 28)"); turning it
-    back into an OSError lets every stage print the same one-line disk message.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    try:
-        save_file(tensors, path, metadata=metadata)
-        usual_mode(path)
-        fd = os.open(path, os.O_RDONLY)  # on disk before it is renamed into place, as write_bytes does
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except SafetensorError as exc:
-        found = re.search(r"os error (\d+)", str(exc))
-        if found is None:
-            raise
-        code = int(found.group(1))
-        raise OSError(code, os.strerror(code), str(path)) from exc
-    except OSError as exc:
-        if exc.filename is None:  # a failed fsync() names no file
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
-        raise
-
-
 # Bytes per element of each safetensors dtype name.
 ELEMENT_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 

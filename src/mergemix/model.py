@@ -209,21 +209,38 @@ def hardware() -> dict[str, Any]:
     return info
 
 
-def untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every tensor with storage of its own: safetensors refuses tensors that share memory.
+# torch dtype name -> safetensors dtype name, for the dtypes a checkpoint holds.
+_SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64",
+                      "int64": "I64", "int32": "I32", "uint8": "U8", "bool": "BOOL"}
+
+
+def stored(tensor: torch.Tensor) -> Any:
+    """A tensor's bytes on the CPU, as the numpy array io.save_tensors_streamed writes
+    (bfloat16, which numpy lacks, as its uint16 bit patterns)."""
+    import numpy as np
+    import torch
+
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    return tensor.numpy()
+
+
+def safetensors_dtype(tensor: torch.Tensor) -> str:
+    return _SAFETENSORS_DTYPE[str(tensor.dtype).removeprefix("torch.")]
+
+
+def state_stream(state: dict[str, torch.Tensor]) -> io.TensorStream:
+    """A state dict as an io.TensorStream: each tensor is copied to the CPU only as it is
+    written, so saving a model on a GPU holds one tensor of it on the host, not a copy.
 
     A model with tied input and output embeddings (GPT-2, many imported seeds) has two
-    state_dict keys on one tensor. Both are written, as copies, so every checkpoint holds
-    every key of its model: merging averages both alike, the engine and a resume load
-    them without special cases, and `from_pretrained` ties them again on loading.
+    state_dict keys on one tensor. Both are written, so every checkpoint holds every key
+    of its model: merging averages both alike, the engine and a resume load them without
+    special cases, and `from_pretrained` ties them again on loading.
     """
-    seen: set[int] = set()
-    out = {}
-    for name, tensor in state.items():
-        ptr = tensor.untyped_storage().data_ptr()
-        out[name] = tensor.clone() if ptr in seen else tensor
-        seen.add(ptr)
-    return out
+    layout = {name: (safetensors_dtype(tensor), tuple(tensor.shape)) for name, tensor in state.items()}
+    return io.TensorStream(layout, ((name, stored(tensor)) for name, tensor in state.items()))
 
 
 def drop_stale(out: str | Path, keep: set[str] = frozenset()) -> None:
@@ -248,22 +265,19 @@ def save(
     """Write model + sidecar atomically; model.safetensors is moved into place last.
 
     `extra` maps file names to the tensors of additional safetensors files (the seed's
-    optimizer state), each a dict or an io.TensorStream (written as it is gathered). A
-    seed's `seed_sha256` is the hash of its own weights.
+    optimizer state), each a dict or an io.TensorStream (written as it is gathered). Every
+    file is hashed as it is written, and on disk before the folder is committed. A seed's
+    `seed_sha256` is the hash of its own weights.
     """
 
     with io.StagingDir(out) as stage:
-        state = untied({k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()})
         model.config.save_pretrained(stage.path)
-        io.save_tensors(state, stage.path / WEIGHTS, metadata={"format": "pt"})
+        weights_sha = state_stream(model.state_dict()).save(stage.path / WEIGHTS, {"format": "pt"})
         hashes = {}
         for name, tensors in (extra or {}).items():
-            if isinstance(tensors, io.TensorStream):
-                hashes[name] = tensors.save(stage.path / name, metadata={"format": "pt"})
-            else:
-                io.save_tensors(tensors, stage.path / name, metadata={"format": "pt"})
-                hashes[name] = io.sha256_file(stage.path / name)
-        sidecar = {**sidecar, "weights_sha256": io.sha256_file(stage.path / WEIGHTS)}
+            stream = tensors if isinstance(tensors, io.TensorStream) else state_stream(tensors)
+            hashes[name] = stream.save(stage.path / name, {"format": "pt"})
+        sidecar = {**sidecar, "weights_sha256": weights_sha}
         if extra:  # checked by verify_file before use: every model trained from a seed reads its moments
             sidecar["files_sha256"] = dict(sorted(hashes.items()))
         if is_seed:

@@ -150,16 +150,6 @@ def lr_at(step: int, total: int, phase: PhaseConfig) -> float:
 # at the paper's 1.1B model the weights and two moments are 13 GB, and holding them whole
 # on each of a node's eight ranks, as the gathers did before, would need 105 GB of it.
 MOMENTS = ("exp_avg", "exp_avg_sq")
-_SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
-                      torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
-
-
-def _stored(tensor: torch.Tensor) -> np.ndarray:
-    """A tensor's bytes on the CPU as io.save_tensors_streamed writes them (bfloat16 as uint16 bits)."""
-    tensor = tensor.detach().cpu().contiguous()
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(np.uint16)
-    return tensor.numpy()
 
 
 def _zero(param: torch.nn.Parameter) -> bool:
@@ -207,8 +197,8 @@ def optimizer_state(model: torch.nn.Module, optimizer: Any) -> io.TensorStream:
             else:
                 state = optimizer.state[param]
                 avg, sq, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
-            yield f"exp_avg.{name}", _stored(avg.float())
-            yield f"exp_avg_sq.{name}", _stored(sq.float())
+            yield f"exp_avg.{name}", mm.stored(avg.float())
+            yield f"exp_avg_sq.{name}", mm.stored(sq.float())
             yield f"step.{name}", np.array([float(step)], dtype=np.float32)
 
     return io.TensorStream(layout, items())
@@ -258,12 +248,12 @@ def full_weights(model: torch.nn.Module) -> io.TensorStream:
     state = model.state_dict()
     params = dict(model.named_parameters(remove_duplicate=False))  # tied names too
     zero = {name for name, param in params.items() if _zero(param)}
-    layout = {name: ("F32" if name in zero else _SAFETENSORS_DTYPE[tensor.dtype], tuple(tensor.shape))
+    layout = {name: ("F32" if name in zero else mm.safetensors_dtype(tensor), tuple(tensor.shape))
               for name, tensor in state.items()}
 
     def items():
         for name, tensor in state.items():
-            yield name, _stored(safe_get_full_fp32_param(params[name]) if name in zero else tensor)
+            yield name, mm.stored(safe_get_full_fp32_param(params[name]) if name in zero else tensor)
 
     return io.TensorStream(layout, items())
 
