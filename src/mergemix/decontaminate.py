@@ -45,7 +45,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mergemix import io
+from mergemix import io, tokenize
 from mergemix.tokenize import split_documents
 
 log = logging.getLogger(__name__)
@@ -210,18 +210,12 @@ class EvalSet:
 
 
 def open_partition(path: Path) -> pq.ParquetFile:
-    """A partition file, refusing a missing or unreadable file and one without a text column."""
-    if not path.is_file():
-        raise DecontaminateError(f"partition file {path} is missing: run its partition rule first")
+    """A partition file, refusing a missing or unreadable file and one without a text
+    column (tokenization's checks, under this stage's error)."""
     try:
-        source = pq.ParquetFile(path)
-    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-        raise DecontaminateError(f"partition file {path} is not a readable parquet file ({exc}): "
-                                 "delete it and rerun its partition rule") from exc
-    if "text" not in source.schema_arrow.names:
-        raise DecontaminateError(
-            f"{path} has no 'text' column (columns: {', '.join(source.schema_arrow.names)}): rerun its partition rule")
-    return source
+        return tokenize.open_partition(path)
+    except tokenize.TokenizeError as exc:
+        raise DecontaminateError(str(exc)) from None
 
 
 def read_texts(path: Path) -> list[str]:
