@@ -264,9 +264,9 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 
     state = model.state_dict()
     with safe_open(path, "pt") as saved, torch.no_grad():
-        missing = sorted(set(state) ^ set(saved.keys()))
-        if missing:
-            raise TrainError(f"resume state {path} does not fit the model: tensor '{missing[0]}' is in one, "
+        unmatched = sorted(set(state) ^ set(saved.keys()))  # in the model or in the file, not both
+        if unmatched:
+            raise TrainError(f"resume state {path} does not fit the model: tensor '{unmatched[0]}' is in one, "
                              "not the other; delete the folder's .resume to start over")
         for name, tensor in state.items():
             shape = tuple(saved.get_slice(name).get_shape())
