@@ -180,7 +180,7 @@ def test_the_merged_method_is_charged_the_ind_models_it_averages(tmp_path):
     rows = ledger.ledger(stages, partitions=4, k=2, mixtures=3)
     # methods merged and micro: half the ind model's 30 s and 300 tokens on top of the units' 36 s, 300
     train = pick(rows, "studied", "modular", "training")
-    assert "ind models for the merged method (1/2 of them" in train["item"]
+    assert "ind models for the merged method (mean of the 2 merge methods' inputs" in train["item"]
     assert (train["jobs"], train["seconds"], train["tokens"]) == (4, 51.0, 450.0)
     # scoring: (3 + 5 + 4) s / (3 mixtures x 2 methods) = 2 s a mixture
     assert pick(rows, "studied", "modular", "total")["seconds"] == pytest.approx(51.0 + 6.0)
@@ -189,6 +189,33 @@ def test_the_merged_method_is_charged_the_ind_models_it_averages(tmp_path):
     stages["merged_eval"] = ledger.measure([bench / "evaluate/merged/micro/b/0.tsv"], [])["merged_eval"]
     rows = ledger.ledger(stages, partitions=4, k=2, mixtures=3)
     assert pick(rows, "studied", "modular", "training")["seconds"] == 36.0
+
+
+def test_each_merge_method_is_charged_its_own_inputs(tmp_path):
+    """Partition d has two units and an ind model: micro averages a, b, c and d's two
+    units; merged averages a, b, c and d's ind model."""
+    bench, models = write_study(tmp_path)
+    extra = {"train/unit/docs/d/0.tsv": (8.0, 100), "train/unit/docs/d/1.tsv": (8.0, 100),
+             "train/ind/d.tsv": (30.0, 200), "evaluate/merged/merged/b/0.tsv": (4.0, None)}
+    for rel, (seconds, tokens) in extra.items():
+        path = bench / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(HEADER + f"{seconds:.2f}\t0:00:00\t1\t1\t1\t1\t0\t0\t0\t{seconds}\n")
+        if tokens is not None:
+            model = models / rel[len("train/"):-len(".tsv")] / "mergemix.json"
+            model.parent.mkdir(parents=True)
+            model.write_text(json.dumps({"kind": rel.split("/")[1], "tokens": tokens}))
+    stages = ledger.measure(*ledger.collect_paths([bench, models]))
+    rows = ledger.ledger(stages, partitions=4, k=2, mixtures=3)
+    train = pick(rows, "studied", "modular", "training")
+    # micro: units 10 + 12 + 14 + 8 + 8 = 52 s, 500 tokens; merged: a, b, c 36 s + ind 30 s = 66 s,
+    # 300 + 200 = 500 tokens; the mean of the two: 59 s, 500 tokens; 6 training jobs in all
+    assert (train["jobs"], train["seconds"], train["tokens"]) == (6, 59.0, 500.0)
+    # merged alone: its inputs only, not d's unit models
+    stages["merged_eval"] = ledger.measure([bench / "evaluate/merged/merged/b/0.tsv"], [])["merged_eval"]
+    train = pick(ledger.ledger(stages, partitions=4, k=2, mixtures=3), "studied", "modular", "training")
+    assert (train["jobs"], train["seconds"], train["tokens"]) == (4, 66.0, 500.0)
+    assert train["item"].startswith("training: ind models, unit models of one-unit partitions")
 
 
 def test_fixed_partitions_shrink_the_candidates(tmp_path):

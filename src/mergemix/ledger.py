@@ -39,8 +39,10 @@ the number of methods found among the benchmark files.
 The seed is shared by both approaches and appears in ``measured`` only. ind
 models (partitions of several units trained alone) serve the ``mean_ind`` and
 ``ind_id`` baselines, and are listed apart, except where ``merged`` is among the
-merge methods: that method averages the ind models, so their training is charged
-to the modular side, as the mean over methods is (1/n of it for n methods).
+merge methods: that method averages one model per partition, the ind model of a
+partition of several units and the unit model of a one-unit partition, where
+``micro``, ``macro`` and ``weighted`` average the unit models. Modular training
+is charged the mean over the methods of what each one's inputs cost.
 
 The ratios of the caption divide rank-seconds (GPU-seconds on GPUs, the paper's
 GPU-hours: a seq model trained on 4 GPUs costs 4x its wall time), then wall
@@ -235,6 +237,25 @@ class Stage:
     rank_seconds: float = 0.0
     tokens: int = 0
     ids: list[str] = field(default_factory=list)
+    #: model id -> (seconds, rank-seconds, tokens) of its jobs
+    per_id: dict[str, tuple[float, float, int]] = field(default_factory=dict)
+
+    def add(self, ident: str, seconds: float, rank_seconds: float, tokens: int) -> None:
+        self.jobs += 1
+        self.seconds += seconds
+        self.rank_seconds += rank_seconds
+        self.tokens += tokens
+        self.ids.append(ident)
+        before = self.per_id.get(ident, (0.0, 0.0, 0))
+        self.per_id[ident] = (before[0] + seconds, before[1] + rank_seconds, before[2] + tokens)
+
+    def only(self, keep) -> Stage:
+        """The totals of the jobs whose model id passes ``keep``."""
+        part = Stage()
+        for ident in self.ids:
+            if keep(ident):
+                part.add(ident, *self.per_id[ident])
+        return part
 
 
 def measure(benchmarks: Sequence[Path], sidecars: Sequence[Path]) -> dict[str, Stage]:
@@ -244,20 +265,15 @@ def measure(benchmarks: Sequence[Path], sidecars: Sequence[Path]) -> dict[str, S
     for path in benchmarks:
         stage, ident = benchmark_stage(path)
         seconds = read_benchmark(path)
-        st = stages[stage]
-        st.jobs += 1
-        st.seconds += seconds
-        st.ids.append(ident)
-        ranks = 1
+        ranks, tokens = 1, 0
         if stage.endswith("_train"):
             kind = stage[: -len("_train")]
             found = models.get((kind, ident))
             if found is None:
                 log.warning("%s: no sidecar %s/%s/%s; its tokens are not counted", path, kind, ident, SIDECAR)
             else:
-                st.tokens += found[0]
-                ranks = found[1]
-        st.rank_seconds += seconds * ranks
+                tokens, ranks = found
+        stages[stage].add(ident, seconds, seconds * ranks, tokens)
     return stages
 
 
@@ -266,8 +282,12 @@ def _seq_size(stages: dict[str, Stage]) -> int | None:
     return sizes.most_common(1)[0][0] if sizes else None
 
 
+def _unit_partition(unit_id: str) -> str:
+    """The partition of a unit model id, SOURCE/PARTITION/UNIT."""
+    return unit_id.split("/")[-2]
+
+
 def _partitions(stages: dict[str, Stage]) -> int:
-    # unit ids are SOURCE/PARTITION/UNIT
     return len({u.rsplit("/", 1)[0] for u in stages["unit_train"].ids})
 
 
@@ -326,15 +346,21 @@ def ledger(stages: dict[str, Stage], partitions: int | None = None, k: int | Non
     # one merged model per mixture: with several merge methods, the mean over them
     methods = merge_methods(scored)
     n_methods = max(1, len(methods))
-    if "merged" in methods:  # that method's inputs are the ind models
+    if "merged" in methods:
+        # that method's inputs: the ind model of a partition of several units, the unit
+        # model of a one-unit partition; the other methods' inputs: every unit model
         ind = stages["ind_train"]
-        share = 1 / n_methods
-        unit_item = ("training: unit models, and ind models for the merged method"
-                     + (f" (1/{n_methods} of them: mean of {n_methods} merge methods)" if n_methods > 1 else "")
-                     + " (do not grow with mixtures)")
-        mod_train = (unit.seconds + share * ind.seconds, unit.rank_seconds + share * ind.rank_seconds,
-                     unit.tokens + share * ind.tokens)
-        mod_jobs = unit.jobs + ind.jobs
+        several = set(ind.ids)
+        single = unit.only(lambda u: _unit_partition(u) not in several)
+        costs = [(ind.seconds + single.seconds, ind.rank_seconds + single.rank_seconds, ind.tokens + single.tokens)]
+        costs += [(unit.seconds, unit.rank_seconds, unit.tokens)] * (n_methods - 1)
+        mod_train = tuple(sum(c[i] for c in costs) / n_methods for i in range(3))
+        mod_jobs = ind.jobs + (unit.jobs if n_methods > 1 else single.jobs)
+        if n_methods > 1:
+            unit_item = (f"training: unit models, and ind models for the merged method (mean of the {n_methods} "
+                         "merge methods' inputs; do not grow with mixtures)")
+        else:
+            unit_item = "training: ind models, unit models of one-unit partitions (do not grow with mixtures)"
     else:
         unit_item = "training: unit models (do not grow with mixtures)"
         mod_train = (unit.seconds, unit.rank_seconds, unit.tokens)
