@@ -355,6 +355,10 @@ def test_proxy_pick_ties_and_true_rank():
     assert (pick, best, rank) == ("b", "a", 3.5)
     # a pick tied with the best in seq ppl shares rank 1
     assert analyze.proxy_pick(["x", "y"], [1.0, 2.0], [3.0, 3.0]) == ("x", "x", 1.0)
+    # a NaN proxy (a diverged merge) is never the pick, whatever the order of the mixtures
+    nan = float("nan")
+    assert analyze.proxy_pick(["a", "b", "c"], [nan, 1.0, 2.0], [1.0, 2.0, 3.0]) == ("b", "a", 2.0)
+    assert analyze.proxy_pick(["c", "b", "a"], [2.0, 1.0, nan], [3.0, 2.0, 1.0]) == ("b", "a", 2.0)
 
 
 def test_a_proxy_tie_at_the_top_does_not_depend_on_mixture_names():

@@ -571,6 +571,7 @@ def proxy_pick(mixtures: Sequence[str], proxy: Sequence[float],
     y = np.asarray(truth, dtype=float)
     if not (len(names) == x.size == y.size) or not names:
         raise ValueError("proxy_pick needs one proxy and one true value per mixture, at least one")
+    x, y = worst_if_not_finite(x), worst_if_not_finite(y)  # NaN would make min() order-dependent
     pick = min(range(len(names)), key=lambda k: (x[k], names[k]))
     best = min(range(len(names)), key=lambda k: (y[k], names[k]))
     return names[pick], names[best], float(pick_ranks(x, y).mean())
@@ -663,6 +664,9 @@ def correlations(scores: pl.DataFrame) -> pl.DataFrame:
         x, y = worst_if_not_finite(x[has_truth]), y[has_truth]
         names = [m for m, keep in zip(r["mixture"], has_truth) if keep]
         label = f"domain {r['domain']} proxy {r['proxy']}"
+        if not has_truth.all():
+            log.warning("%s: left out, seq perplexity not finite (a seq model that diverged): %s", label,
+                        ", ".join(m for m, keep in zip(r["mixture"], has_truth) if not keep))
         finite = np.isfinite(x)
         if not finite.all():
             log.warning("%s: %d mixture(s) with a non-finite proxy perplexity, ranked last and left out of r",
