@@ -194,6 +194,42 @@ def test_bf16_with_zero_resumes_bit_for_bit(shard, tokenizer_dir, tmp_path):
     assert_same_weights(reference, out)
 
 
+def test_an_imported_seed_with_dropout_resumes_bit_for_bit(shard, tokenizer_dir, tmp_path):
+    """A GPT-2 seed (seed.pretrained) keeps its dropout of 0.1: the masks come from the
+    random state, which each step draws afresh from (seed, step, rank), so a resumed
+    run draws the masks the uninterrupted one drew. Its metrics keep their columns, and
+    a staging folder a killed save left behind is cleared by the next save."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mergemix.tokenize import load_tokenizer
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=len(load_tokenizer(tokenizer_dir)),
+                                      n_positions=64, bos_token_id=0, eos_token_id=0))
+    assert gpt2.config.resid_pdrop > 0
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    run([sys.executable, "-m", "mergemix.train", "--kind", "seed", "--tokenizer", str(tokenizer_dir),
+         "--pretrained", str(tmp_path / "gpt2"), "--out", str(tmp_path / "seed")])
+
+    def unit(out):
+        return [*command(shard, tokenizer_dir, out, kind="unit"), "--init", str(tmp_path / "seed"),
+                "--unit-tokens", "20000"]
+    whole = tmp_path / "whole"
+    run(unit(whole))
+    out = tmp_path / "killed"
+    stale = out / ".resume" / ".step-00000002.abcd1234.tmp"
+    stale.mkdir(parents=True)
+    (stale / mm.WEIGHTS).write_bytes(b"half a state")
+    proc = start_and_signal(unit(out), out, TRAIN["checkpoint_every"], signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, "training ended before the kill"
+    assert not stale.exists()
+    assert "resuming unit" in run(unit(out)).stderr
+    assert_same_weights(whole, out)
+    header = (out / "train_metrics.csv").read_text().splitlines()[0]
+    assert header == (whole / "train_metrics.csv").read_text().splitlines()[0] == "step,tokens,loss,lr,elapsed_s"
+    elapsed = pl.read_csv(out / "train_metrics.csv")["elapsed_s"].to_list()
+    assert elapsed == sorted(elapsed)  # the resumed attempt counts on from the first one's time
+
+
 @pytest.fixture(scope="module")
 def two_ranks(shard, tokenizer_dir, tmp_path_factory):
     """An uninterrupted run on two data-parallel ranks under ZeRO stage 1 (bf16)."""

@@ -141,6 +141,21 @@ def test_damaged_seed_moments_are_refused_before_a_unit_trains(seed, shards, tok
     assert not (tmp_path / "unit").exists() or not list((tmp_path / "unit").glob("*.safetensors"))
 
 
+def test_a_seed_whose_moments_are_gone_is_refused(seed, shards, tokenizer_dir, tmp_path):
+    """The seed's sidecar records its optimizer state: without the file a unit would
+    train from zero moments, not the seed's (paper A.3), and say nothing."""
+    gone = tmp_path / "seed"
+    shutil.copytree(seed, gone)
+    (gone / "optimizer.safetensors").unlink()
+    phase = {"batch_size": 4, "lr": 1e-3, "min_lr": 1e-3, "warmup_steps": 2}
+    done = run_train("--kind", "unit", "--tokenizer", tokenizer_dir, "--init", gone, "--unit", f"{shards}/typing/train:0",
+                     "--unit-tokens", 2000, "--phase-json", json.dumps(phase), "--out", tmp_path / "unit")
+    assert done.returncode == 1, done.stderr[-2000:]
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and f"{gone / 'optimizer.safetensors'} is missing" in line, line
+    assert not (tmp_path / "unit").exists()
+
+
 def test_a_seed_with_tied_embeddings_imports_trains_and_merges(shards, tokenizer_dir, tmp_path):
     """GPT-2 ties its input and output embeddings: two state_dict keys on one tensor."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -151,9 +166,12 @@ def test_a_seed_with_tied_embeddings_imports_trains_and_merges(shards, tokenizer
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=vocab, n_positions=32,
                                       bos_token_id=0, eos_token_id=0))
     gpt2.save_pretrained(tmp_path / "gpt2")
+    (tmp_path / "seed").mkdir()
+    (tmp_path / "seed" / "train_metrics.csv").write_text("step,tokens,loss,lr,elapsed_s\n1,64,9.0,0.001,1.0\n")
     done = run_train("--kind", "seed", "--tokenizer", tokenizer_dir, "--pretrained", tmp_path / "gpt2",
                      "--out", tmp_path / "seed")
     assert done.returncode == 0, done.stderr[-3000:]
+    assert not (tmp_path / "seed" / "train_metrics.csv").exists()  # an earlier seed's: the import trained nothing
     phase = {"batch_size": 4, "lr": 1e-3, "min_lr": 1e-3, "warmup_steps": 2}
     done = run_train("--kind", "unit", "--tokenizer", tokenizer_dir, "--init", tmp_path / "seed",
                      "--unit", f"{shards}/typing/train:0", "--unit-tokens", 1000, "--phase-json", json.dumps(phase),

@@ -48,6 +48,17 @@ def whole(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def fraction(text: str) -> float:
+    """An argparse type: a number above 0 and at most 1 (`argument --heldout-fraction: 1.5 is not in (0, 1]`)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]")
+    return value
+
+
 def cores() -> int:
     """CPU threads this process should use: the job's threads, else every CPU it may run on."""
     return job_threads() or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
@@ -114,6 +125,23 @@ def write_bytes(path: str | Path, data: bytes, only_if_changed: bool = True) -> 
     return True
 
 
+def _close_quietly(fh) -> None:
+    """Close a file whose writing already failed; a second error closing it adds nothing."""
+    try:
+        fh.close()
+    except OSError:
+        pass
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush a file that another library wrote (transformers' config.json) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class StreamedFile:
     """An atomic write of data that arrives in pieces: `with StreamedFile(path) as out:
     out.write(chunk)` writes a temporary beside `path`, hashing as it goes, and on a
@@ -154,12 +182,16 @@ class StreamedFile:
     def __exit__(self, exc_type, exc_value, tb) -> None:
         tmp = Path(self._tmp)
         try:
-            if exc_type is None:
+            if exc_type is not None:
+                _close_quietly(self._fh)  # the body's error is the one to report
+                return
+            try:
                 self._fh.flush()
                 os.fsync(self._fh.fileno())
+            except OSError:
+                _close_quietly(self._fh)  # closed on a full disk too, so the temporary's space is freed
+                raise
             self._fh.close()
-            if exc_type is not None:
-                return
             self.sha256 = self._digest.hexdigest()
             if (self.only_if_changed and self.path.is_file() and self.path.stat().st_size == self._size
                     and sha256_file(self.path) == self.sha256):

@@ -261,17 +261,23 @@ def save(
     sidecar: dict[str, Any],
     extra: dict[str, Any] | None = None,
     is_seed: bool = False,
+    texts: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Write model + sidecar atomically; model.safetensors is moved into place last.
 
     `extra` maps file names to the tensors of additional safetensors files (the seed's
-    optimizer state), each a dict or an io.TensorStream (written as it is gathered). Every
-    file is hashed as it is written, and on disk before the folder is committed. A seed's
-    `seed_sha256` is the hash of its own weights.
+    optimizer state), each a dict or an io.TensorStream (written as it is gathered);
+    `texts` maps file names to text files of the model (its training metrics). Every
+    file is on disk before the folder is committed, and every tensor file is hashed as
+    it is written. A seed's `seed_sha256` is the hash of its own weights. Files an
+    earlier model left in `out` that this one lacks go (`drop_stale`).
     """
 
     with io.StagingDir(out) as stage:
         model.config.save_pretrained(stage.path)
+        io.fsync_file(stage.path / CONFIG)
+        for name, text in (texts or {}).items():
+            io.write_text(stage.path / name, text)
         weights_sha = state_stream(model.state_dict()).save(stage.path / WEIGHTS, {"format": "pt"})
         hashes = {}
         for name, tensors in (extra or {}).items():
@@ -283,6 +289,6 @@ def save(
         if is_seed:
             sidecar["seed_sha256"] = sidecar["weights_sha256"]
         io.write_json(stage.path / SIDECAR, sidecar)
-        drop_stale(out, keep={*(extra or {}), "train_metrics.csv"})  # training has just written its metrics
+        drop_stale(out, keep={*(extra or {}), *(texts or {})})
         stage.commit(last=(SIDECAR, WEIGHTS))
     return sidecar

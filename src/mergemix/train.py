@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 METRICS_FILE = "train_metrics.csv"
+METRICS_COLUMNS = ["step", "tokens", "loss", "lr", "elapsed_s"]  # one row per optimizer step
 
 
 class TrainError(ValueError):
@@ -131,7 +132,14 @@ def windows(units: list[str], unit_tokens: int, context: int, expect_tokenizer: 
 
 
 def lr_at(step: int, total: int, phase: PhaseConfig) -> float:
-    """Linear warm-up to lr, then cosine decay to min_lr over the remaining steps."""
+    """Linear warm-up to lr, then cosine decay toward min_lr over the remaining steps.
+
+    Step s (from 0) of the warm-up uses lr x (s + 1) / warmup_steps, so the first step
+    trains and step warmup_steps - 1 reaches lr; step s after it uses the cosine at
+    progress (s - warmup_steps) / (total - warmup_steps): lr at the first, and just above
+    min_lr at the last (min_lr would be the step after it), as in Hugging Face's cosine
+    schedule.
+    """
     if step < phase.warmup_steps:
         return phase.lr * (step + 1) / phase.warmup_steps
     span = max(1, total - phase.warmup_steps)
@@ -318,8 +326,9 @@ def save_resume(out: Path, weights: io.TensorStream, moments: io.TensorStream, s
     # Keep this run's newest two: if the newest turns out to produce a non-finite loss, the
     # one before it is the last good state. States of other inputs or settings (an earlier
     # attempt's) can never be resumed by this run and go, whatever their step.
+    # A save killed midway left a staging folder: it holds no state anyone can resume.
     ours, _ = _states(out, key)
-    for old in sorted(root.glob("step-*")):
+    for old in sorted([*root.glob("step-*"), *root.glob(".step-*.tmp")]):
         if old not in ours[-2:]:
             shutil.rmtree(old, ignore_errors=True)
     return target
@@ -561,6 +570,9 @@ def train(
         sidecar = mm.read_sidecar(init)
         if sidecar.get("tokenizer_sha256") not in (None, tok_hash):
             raise TrainError(f"seed {init} was trained with another tokenizer than {tokenizer_dir}: rerun the seed rule")
+        if OPTIMIZER_FILE in sidecar.get("files_sha256", {}) and not (init / OPTIMIZER_FILE).is_file():
+            raise TrainError(f"{init / OPTIMIZER_FILE} is missing, though {init / mm.SIDECAR} records it: the seed's "
+                             "AdamW moments cannot be carried over; retrain the seed (snakemake --forcerun seed)")
         model = mm.load(init)
         seed_sha = sidecar["seed_sha256"]
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -596,6 +608,7 @@ def train(
         load_weights(model, resume / mm.WEIGHTS)
         state = io.read_json(resume / "state.json")
         start, metrics = state["step"], state["metrics"]
+        started -= metrics[-1]["elapsed_s"] if metrics else 0.0  # times count every attempt's training
         log.info("resuming %s from %s (step %d of %d)", kind, resume, start, steps)
     _single_process_env()
     world = int(os.environ["WORLD_SIZE"])
@@ -631,6 +644,9 @@ def train(
         batch = data[order[step * phase.batch_size : (step + 1) * phase.batch_size][mine]]
         local = torch.from_numpy(batch.astype(np.int64)).to(engine.device)
         lr = lr_at(step, steps, phase)  # a pure function of the step: nothing to restore on resume
+        # So is the random state (dropout, in an imported seed that has it): a resumed run
+        # draws the masks an uninterrupted one draws, on each rank.
+        torch.manual_seed(int(np.random.SeedSequence([seed, step, engine.global_rank]).generate_state(1)[0]))
         for group in optimizer.param_groups:
             group["lr"] = lr
         losses = []
@@ -685,23 +701,24 @@ def train(
     }
     moments = optimizer_state(engine.module, optimizer) if kind == "seed" else None
     if rank0:
-        _write_metrics(out / METRICS_FILE, metrics)
         extra = {OPTIMIZER_FILE: moments} if moments is not None else None
-        sidecar = mm.save(engine.module, out, sidecar, extra, is_seed=kind == "seed")
+        sidecar = mm.save(engine.module, out, sidecar, extra, is_seed=kind == "seed",
+                          texts={METRICS_FILE: metrics_csv(metrics)})
         shutil.rmtree(out / RESUME_DIR, ignore_errors=True)
     elif moments is not None and gathers:
         moments.drain()
     return sidecar
 
 
-def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+def metrics_csv(rows: list[dict[str, Any]]) -> str:
+    """train_metrics.csv's text: METRICS_COLUMNS, one row per step."""
     import io as stdio
 
     buf = stdio.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["step"])
+    writer = csv.DictWriter(buf, fieldnames=METRICS_COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
-    io.write_text(path, buf.getvalue())
+    return buf.getvalue()
 
 
 def import_seed(name: str, tokenizer_dir: Path, out: Path) -> dict[str, Any]:
@@ -735,8 +752,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phase-json", default="{}", help="the phase's schedule: train.seed_phase or train.continued")
     parser.add_argument("--meta-json", default="{}", help="what the data is (partitions, units), for the sidecar")
     parser.add_argument("--seed", type=io.whole(0), default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--checkpoint-every", type=int,
+    parser.add_argument("--threads", type=io.whole(0), default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--checkpoint-every", type=io.whole(0),
                         help="steps between resume states (overrides the train section's checkpoint_every)")
     parser.add_argument("--processes", type=int, default=1,
                         help="data-parallel ranks, started through the DeepSpeed launcher (one per GPU)")
