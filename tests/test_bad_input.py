@@ -8,6 +8,7 @@ call the stage's command line (`python -m mergemix.<stage>`) on files the test w
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import os
 import shutil
@@ -123,6 +124,7 @@ CONFIG_CASES = {
         _all_of(_set("tokenizer.name", "./work/tokenizer"), _set("model.vocab_size", 4096)), "tokenizer.name"),
     "too many candidate mixtures to list": (_too_many_mixtures, "mixtures.k"),
     "empty seed name": (_set("seed.pretrained", ""), "seed.pretrained"),
+    "split beside a demo recipe": (_set("sources.sotu.load.split", "test"), "sources.sotu.load.split"),
 }
 
 
@@ -184,6 +186,17 @@ def corpus_non_utf8(tmp):
     return _spec([good, bad]), "latin1.jsonl"
 
 
+def corpus_non_utf8_parquet(tmp):
+    """Parquet stores a string column's bytes as they are: the third row is Latin-1."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    body = pa.array([b"first text", b"second text", b"caf\xe9 au lait"], pa.binary()).view(pa.string())
+    bad = tmp / "latin1.parquet"
+    pq.write_table(pa.table({"body": body, "topic": ["a", "b", "a"]}), bad)
+    return _spec([bad], load={"path": "parquet", "data_files": [str(bad)]}), "not valid UTF-8 in row 2"
+
+
 def corpus_missing_text_column(tmp):
     return _spec([_jsonl(tmp / "d.jsonl", ROWS)], text_column="content"), "content"
 
@@ -209,6 +222,12 @@ def corpus_blank_only_partition(tmp):
     return _spec([_jsonl(tmp / "d.jsonl", rows)], partitions=["a", "blank"]), "blank"
 
 
+def corpus_keys_that_collide(tmp):
+    """("x-y", "z") and ("x", "y-z") both join to the key x-y-z: two groups, not one."""
+    rows = [{"body": "one text", "topic": "x-y", "sub": "z"}, {"body": "another", "topic": "x", "sub": "y-z"}]
+    return _spec([_jsonl(tmp / "d.jsonl", rows)], partition_by=["topic", "sub"], partitions=["x-y-z"]), "'x-y-z'"
+
+
 def corpus_empty_file(tmp):
     good = _jsonl(tmp / "good.jsonl", ROWS)
     (tmp / "empty.jsonl").write_bytes(b"")
@@ -221,9 +240,10 @@ def corpus_folder_as_file(tmp):
     return _spec([tmp / "shards"]), "is a folder"
 
 
-CORPUS_CASES = [corpus_folder_as_file, corpus_missing_file, corpus_corrupt_parquet, corpus_non_utf8, corpus_missing_text_column,
+CORPUS_CASES = [corpus_folder_as_file, corpus_missing_file, corpus_corrupt_parquet, corpus_non_utf8, corpus_non_utf8_parquet,
+                corpus_missing_text_column,
                 corpus_missing_metadata_column, corpus_text_not_string, corpus_empty_partition,
-                corpus_duplicate_partition, corpus_blank_only_partition, corpus_empty_file]
+                corpus_duplicate_partition, corpus_blank_only_partition, corpus_keys_that_collide, corpus_empty_file]
 
 
 @pytest.mark.parametrize("case", CORPUS_CASES, ids=lambda f: f.__name__.removeprefix("corpus_"))
@@ -528,6 +548,24 @@ def test_full_disk_while_saving_a_merge(tmp_path, tiny_model_config, tiny_disk):
     assert (tiny_disk / "mine.txt").read_text().startswith("a file of the user's")
 
 
+def test_a_write_that_fails_at_its_flush_gives_its_space_back(tiny_disk):
+    """The disk fills when the last buffered bytes are flushed: the error names the
+    output, and the temporary is closed as well as unlinked (an open unlinked file
+    would hold its blocks until the process ends)."""
+    from mergemix import io as mio
+
+    (tiny_disk / "mine.bin").write_bytes(b"u" * (60 << 10))  # the user's file: one 4 KiB page left
+    free = os.statvfs(tiny_disk).f_bavail
+    out = tiny_disk / "table.csv"
+    with pytest.raises(OSError) as raised:
+        with mio.StreamedFile(out) as file:
+            file.write(b"x" * 6000)  # fits Python's buffer; the flush at the end needs two pages
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(out)
+    assert file.closed
+    assert files_under(tiny_disk) == {"mine.bin"}
+    assert os.statvfs(tiny_disk).f_bavail == free
+
+
 def test_full_disk_while_writing_token_shards(tmp_path, tiny_disk, texts, tokenizer_dir):
     """Token shards are streamed to disk batch by batch: a failed write names the shard."""
     part = tmp_path / "parts" / "docs.parquet"
@@ -575,6 +613,7 @@ def test_gpus_given_to_a_job_that_cannot_use_them(tmp_path, stage, args):
 
 
 TRAIN_ARGS = ["--kind", "seed", "--tokenizer", "tok"]
+SHARD_ARGS = ["--input", "part.parquet", "--tokenizer", "tok"]
 EVAL_ARGS = ["--model", "m", "--domain", "d:ood:10:shard", "--model-kind", "unit", "--model-id", "m"]
 
 
@@ -584,16 +623,25 @@ EVAL_ARGS = ["--model", "m", "--domain", "d:ood:10:shard", "--model-kind", "unit
     ("train", [*TRAIN_ARGS, "--unit", "shard:0", "--unit-tokens", "0"], "argument --unit-tokens: 0 is below 1"),
     ("train", [*TRAIN_ARGS, "--unit", "shard:0", "--unit-tokens", "100", "--seed", "-1"], "argument --seed: -1 is below 0"),
     ("train", ["--kind", "unit", "--tokenizer", "tok", "--pretrained", "gpt2"], "--pretrained imports a seed"),
+    ("train", [*TRAIN_ARGS, "--unit", "shard:0", "--unit-tokens", "100", "--threads", "-2"],
+     "argument --threads: -2 is below 0"),
+    ("tokenize", ["shards", *SHARD_ARGS, "--heldout-fraction", "0.1", "--segment-chars", "-5"],
+     "argument --segment-chars: -5 is below 1"),
+    ("tokenize", ["shards", *SHARD_ARGS, "--heldout-fraction", "1.5", "--segment-chars", "2000"],
+     "argument --heldout-fraction: 1.5 is not in (0, 1]"),
+    ("tokenize", ["shards", *SHARD_ARGS, "--heldout-fraction", "nan", "--segment-chars", "2000"],
+     "argument --heldout-fraction: nan is not in (0, 1]"),
     ("evaluate", [*EVAL_ARGS, "--seed", "-5"], "argument --seed: -5 is below 0"),
     ("engine", ["--method", "micro", "--model", "p=m", "--mixture", "p", "--domain", "d:ood:10:shard", "--seed", "x"],
      "argument --seed: 'x' is not a whole number"),
-], ids=["no unit tokens", "no unit", "zero unit tokens", "negative seed", "pretrained unit", "evaluate seed",
+], ids=["no unit tokens", "no unit", "zero unit tokens", "negative seed", "pretrained unit", "negative threads",
+        "negative segment length", "held-out fraction above 1", "held-out fraction NaN", "evaluate seed",
         "engine seed"])
 def test_command_line_mistakes_name_the_flag(tmp_path, stage, args, culprit):
     """Before, these ended in a TypeError traceback, numpy's 'need at least one array to
     concatenate', or a seed error naming no flag."""
     out = tmp_path / "out"
-    done = run("-m", f"mergemix.{stage}", *args, "--out", str(out), cwd=tmp_path)
+    done = run("-m", f"mergemix.{stage}", *args, "--out-dir" if stage == "tokenize" else "--out", str(out), cwd=tmp_path)
     assert done.returncode == 2, done.stderr[-2000:]
     line = error_line(done)
     assert culprit in line, line

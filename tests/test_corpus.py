@@ -214,6 +214,20 @@ def test_unchanged_outputs_keep_mtime(tmp_path: Path, docs_jsonl: Path) -> None:
     assert target.stat().st_mtime == 1_000_000
 
 
+def test_a_killed_writers_temporary_is_cleared(tmp_path: Path, docs_jsonl: Path) -> None:
+    """A partition job killed while writing leaves `.NAME.xxxxxxxx.tmp`; the next write of
+    that partition removes it, and a neighbour's temporary stays."""
+    out = tmp_path / "out"
+    out.mkdir()
+    debris = out / ".early.parquet.abcd1234.tmp"
+    debris.write_bytes(b"half a parquet file")
+    neighbour = out / ".early.parquet.bak.abcd1234.tmp"
+    neighbour.write_bytes(b"another writer's")
+    write_partitions(make_spec([docs_jsonl]), out)
+    assert not debris.exists() and neighbour.exists()
+    assert read(out / "early.parquet")["text"]
+
+
 @pytest.mark.parametrize(
     ("overrides", "culprits"),
     [

@@ -99,6 +99,19 @@ def validate(config: dict[str, Any]) -> None:
     _check_semantics(config, spec["properties"]["merge"]["properties"]["methods"]["items"]["enum"])
 
 
+#: the keys each kind of `load` reads (the schema lets exactly one kind through)
+LOAD_KEYS = {"demo": {"demo"}, "path": {"path", "data_files", "name", "split"}, "seed_heldout": {"seed_heldout"}}
+
+
+def _check_load_keys(where: str, load: dict[str, Any]) -> None:
+    """Refuse a key the chosen kind of load would ignore (`split` beside `demo`)."""
+    kind = next(k for k in LOAD_KEYS if k in load)
+    extra = sorted(set(load) - LOAD_KEYS[kind])
+    if extra:
+        raise ConfigError(f"'{where}.{extra[0]}' is not read with '{kind}' ({', '.join(sorted(LOAD_KEYS['path']))} "
+                          "go with 'path'): remove it")
+
+
 def _check_semantics(config: dict[str, Any], merge_methods: list[str]) -> None:
     owner: dict[str, str] = {}
     for source, spec in config["sources"].items():
@@ -126,6 +139,11 @@ def _check_semantics(config: dict[str, Any], merge_methods: list[str]) -> None:
             raise ConfigError(f"sources.{source}.load: seed_heldout is only valid for eval.ood sets")
     if "seed_heldout" in config["seed"]["load"]:
         raise ConfigError("seed.load: seed_heldout is only valid for eval.ood sets")
+    loads = {f"sources.{source}.load": spec["load"] for source, spec in config["sources"].items()}
+    loads["seed.load"] = config["seed"]["load"]
+    loads.update({f"eval.ood.{name}.load": spec["load"] for name, spec in config["eval"]["ood"].items()})
+    for where, load in loads.items():
+        _check_load_keys(where, load)
     for i, mixture in enumerate(config["mixtures"]["include"]):
         for partition in mixture:
             if partition not in owner:

@@ -57,7 +57,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mergemix.config import REMOTE_FILE
-from mergemix.io import ParquetRows, run_command, usual_mode
+from mergemix.io import ParquetRows, clear_stale, fsync_file, run_command, usual_mode
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,7 @@ class _Outputs:
         path = Path(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            clear_stale(path)  # a temporary a killed writer left beside it
             fd, tmp_name = tempfile.mkstemp(
                 prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
             )
@@ -139,6 +140,7 @@ class _Outputs:
         replaced = False
         try:
             writer(tmp)
+            fsync_file(tmp)  # on disk before it is renamed into place
             if path.is_file() and filecmp.cmp(tmp, path, shallow=False):
                 log.info("%s is unchanged; leaving it as is", path)
                 usual_mode(path)  # one an earlier version left private
@@ -964,7 +966,7 @@ def _is_string_type(dtype: pa.DataType) -> bool:
     return any(check(dtype) for check in checks)
 
 
-def _raw_keys(table: pa.Table, columns: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+def _raw_keys(table: pa.Table, columns: Sequence[str], source: str = "") -> tuple[np.ndarray, list[str]]:
     """Group id per row and the raw key string of every group.
 
     A raw key is the row's ``partition_by`` values, each passed through
@@ -990,11 +992,46 @@ def _raw_keys(table: pa.Table, columns: Sequence[str]) -> tuple[np.ndarray, list
         labels.append(values)
     stacked = np.stack(codes, axis=1) if n else np.zeros((0, len(columns)), dtype=np.int64)
     uniq, inverse = np.unique(stacked, axis=0, return_inverse=True)
-    keys = ["-".join(labels[j][int(code)] for j, code in enumerate(row)) for row in uniq]
-    # Distinct value tuples can still produce the same string (e.g. 1 and "1").
+    values = [tuple(labels[j][int(code)] for j, code in enumerate(row)) for row in uniq]
+    keys = ["-".join(v) for v in values]
+    # Distinct value tuples can still produce the same string (1 and "1" both print as
+    # 1): one key, as intended. Values that differ as text but join to the same key
+    # ("x-y", "z" and "x", "y-z") would merge two groups unnoticed: refused.
+    seen: dict[str, tuple[str, ...]] = {}
+    for key, value in zip(keys, values):
+        other = seen.setdefault(key, value)
+        if other != value:
+            raise CorpusError(f"source '{source}': partition_by values {other} and {value} both make the "
+                              f"partition key '{key}': values contain '-'; partition by fewer columns or clean the values")
     key_ids: dict[str, int] = {}
     remap = np.array([key_ids.setdefault(k, len(key_ids)) for k in keys], dtype=np.int64)
     return remap[inverse.reshape(-1)], list(key_ids)
+
+
+def _require_utf8(text: pa.Array, ps: _PartitionSpec, first_row: int) -> None:
+    """Refuse a text column holding bytes that are not UTF-8, naming the row.
+
+    A parquet or Arrow file can store any bytes in a string column, and `datasets`
+    passes them on unchecked: tokenization would fail on them in a later job, far
+    from the file at fault. (JSON files are checked line by line before loading.)
+    """
+    try:
+        text.validate(full=True)
+    except pa.ArrowInvalid as err:
+        raw = text.view(pa.large_binary() if pa.types.is_large_string(text.type) else pa.binary())
+        bad = next((i for i, value in enumerate(raw.to_pylist()) if value is not None and not _utf8(value)), 0)
+        files = _flatten_data_files(ps.data_files)
+        where = f" (data files: {', '.join(files)})" if files else ""
+        raise CorpusError(f"text column '{ps.text_column}' of source '{ps.source}' is not valid UTF-8 in row "
+                          f"{first_row + bad}{where}; re-encode the text as UTF-8") from err
+
+
+def _utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _format_available(names: Sequence[str], limit: int = 30) -> str:
@@ -1041,18 +1078,21 @@ def write_partitions(spec: dict, out_dir: Path, write_summary: bool = True) -> d
     # The source table is memory-mapped from the `datasets` cache: it is read batch by
     # batch below, and only the key columns and a few integers per document are held.
     table = table.select([ps.text_column, *ps.partition_by]).rename_columns(["text", *ps.partition_by])
-    keep = np.concatenate([np.zeros(0, dtype=bool)] + [
-        pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(_plain_text(batch).column(0))), 0), False)
-        .to_numpy(zero_copy_only=False)
-        for batch in table.select(["text"]).to_batches(max_chunksize=_READ_ROWS)
-    ])
+    has_text, row = [np.zeros(0, dtype=bool)], 0
+    for batch in table.select(["text"]).to_batches(max_chunksize=_READ_ROWS):
+        text = _plain_text(batch).column(0)
+        _require_utf8(text, ps, row)
+        has_text.append(pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0), False)
+                        .to_numpy(zero_copy_only=False))
+        row += batch.num_rows
+    keep = np.concatenate(has_text)
     kept = np.flatnonzero(keep)  # source row of each document with text
     if kept.size < table.num_rows:
         log.info("source '%s': dropped %d documents with empty text", ps.source, table.num_rows - kept.size)
 
     if ps.partition_by:
         keys_table = table.select(list(ps.partition_by)).take(pa.array(kept, type=pa.int64()))
-        group_ids, raw_keys = _raw_keys(keys_table, ps.partition_by)
+        group_ids, raw_keys = _raw_keys(keys_table, ps.partition_by, ps.source)
         names = [ps.rename.get(k, k) for k in raw_keys]
         unused = sorted(set(ps.rename) - set(raw_keys))
         if unused:
