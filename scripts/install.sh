@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv (once) and install mergemix with the workflow and test tools into it.
-# torch is pinned in the same pip command as deepspeed (an extra of the package) so that
+# torch is pinned in the same pip command as deepspeed (a dependency of the package) so that
 # deepspeed cannot pull another torch. Which build of 2.13.0 pip takes depends on the
 # index: PyPI's Linux wheel is the CUDA build (GBs); on a machine without a GPU, set
 # PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu first (README.md).
@@ -10,8 +10,12 @@ if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
   echo "error: mergemix needs Python 3.11 or newer (Snakemake 9 does); python3 here is $(python3 -V 2>&1)" >&2
   exit 1
 fi
-if [ ! -x .venv/bin/python ]; then
+# A .venv without pip is what a failed `python3 -m venv` leaves (Debian without
+# python3-venv): made again, not reused.
+if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+  rm -rf .venv
   if ! python3 -m venv .venv; then
+    rm -rf .venv
     echo "error: python3 -m venv failed: on Debian or Ubuntu install the venv module (apt-get install python3-venv), then rerun" >&2
     exit 1
   fi
