@@ -608,6 +608,33 @@ FIGURE_STEMS = ["figure3", "figure4_micro", "figure4_weighted", "figure4_mean_in
                 "figure5", "figure6", "figure7", "figure8", "figure9"]
 
 
+@pytest.mark.parametrize("damage", ["empty", "not a number", "extra field"])
+def test_plots_name_a_damaged_table_and_draw_nothing(tmp_path, capsys, damage):
+    from mergemix import plots
+
+    src = tmp_path / "perplexity.csv"
+    write_example(src)
+    res = tmp_path / "results"
+    assert analyze.main(["--perplexity", str(src), "--out-dir", str(res), "-q"]) == 0
+    scores = res / "proxy_scores.csv"
+    lines = scores.read_text().splitlines()
+    if damage == "empty":
+        scores.write_text("")
+    elif damage == "not a number":
+        header = lines[0].split(",")
+        row = lines[1].split(",")
+        row[header.index("seq_ppl")] = "abc"
+        scores.write_text("\n".join([lines[0], ",".join(row), *lines[2:]]) + "\n")
+    else:
+        scores.write_text("\n".join([lines[0], lines[1] + ",extra", *lines[2:]]) + "\n")
+    figs = tmp_path / "figures"
+    argv = ["--scores", str(scores), "--correlations", str(res / "correlations.csv"), "--out-dir", str(figs), "-q"]
+    assert plots.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and str(scores) in err[-1], err[-3:]
+    assert not figs.exists() or not list(figs.iterdir())
+
+
 def test_plots_write_png_pdf_and_are_stable(tmp_path):
     from mergemix import plots
 

@@ -632,10 +632,11 @@ EVAL_ARGS = ["--model", "m", "--domain", "d:ood:10:shard", "--model-kind", "unit
     ("tokenize", ["shards", *SHARD_ARGS, "--heldout-fraction", "nan", "--segment-chars", "2000"],
      "argument --heldout-fraction: nan is not in (0, 1]"),
     ("evaluate", [*EVAL_ARGS, "--seed", "-5"], "argument --seed: -5 is below 0"),
+    ("evaluate", [*EVAL_ARGS, "--threads", "-1"], "argument --threads: -1 is below 0"),
     ("engine", ["--method", "micro", "--model", "p=m", "--mixture", "p", "--domain", "d:ood:10:shard", "--seed", "x"],
      "argument --seed: 'x' is not a whole number"),
 ], ids=["no unit tokens", "no unit", "zero unit tokens", "negative seed", "pretrained unit", "negative threads",
-        "negative segment length", "held-out fraction above 1", "held-out fraction NaN", "evaluate seed",
+        "negative segment length", "held-out fraction above 1", "held-out fraction NaN", "evaluate seed", "evaluate threads",
         "engine seed"])
 def test_command_line_mistakes_name_the_flag(tmp_path, stage, args, culprit):
     """Before, these ended in a TypeError traceback, numpy's 'need at least one array to

@@ -43,3 +43,19 @@ def test_a_damaged_number_names_file_and_column_and_writes_nothing(tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(bad) in err[0] and f"column {column}" in err[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("damage", [b"extra field", b"not UTF-8"])
+def test_a_damaged_csv_names_its_file_and_writes_nothing(tmp_path, capsys, damage):
+    good, bad = tmp_path / "good.csv", tmp_path / "bad.csv"
+    good.write_text(rows_csv([ROW]))
+    text = rows_csv([{**ROW, "model_id": "b/0"}]).encode()
+    if damage == b"extra field":
+        bad.write_bytes(text.rstrip(b"\n") + b",surplus\n")
+    else:
+        bad.write_bytes(text.replace(b"b/0", b"b/\xff0"))
+    out = tmp_path / "perplexity.csv"
+    assert collect.main(["--out", str(out), str(good), str(bad)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and str(bad) in err[-1], err[-3:]
+    assert not out.exists()

@@ -192,6 +192,27 @@ def test_refuses_other_seed_and_writes_nothing(tmp_path, tiny_model_config, stud
     assert not out.exists()
 
 
+@pytest.mark.parametrize("device", ["meta", "cpu:1", "xpu"])
+def test_a_device_the_engine_cannot_use_is_refused_before_reading(device, study, tmp_path, capsys):
+    out = tmp_path / "rows.csv"
+    assert run_engine(study, "micro", MIXTURES[:1], out, ["--device", device]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: --device {device}:"), err[-3:]
+    assert not out.exists()
+
+
+def test_rows_and_timings_never_land_in_a_checkpoint(study, tmp_path, capsys):
+    unit = study["units"]["a"][0]
+    before = {p.name: p.read_bytes() for p in unit.iterdir()}
+    assert run_engine(study, "micro", MIXTURES[:1], unit / "model.safetensors") == 1
+    assert "inside the checkpoint" in capsys.readouterr().err
+    out = tmp_path / "rows.csv"
+    assert run_engine(study, "micro", MIXTURES[:1], out, ["--timings", str(unit / "timings.csv")]) == 1
+    assert "inside the checkpoint" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in unit.iterdir()} == before
+    assert not out.exists()
+
+
 def test_refuses_other_shape_naming_the_tensor(tmp_path, tiny_model_config):
     from dataclasses import replace
 

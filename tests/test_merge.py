@@ -1,6 +1,7 @@
 import math
 import shutil
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -73,6 +74,25 @@ def test_refuses_other_shape_naming_the_tensor(tmp_path, tiny_model_config):
     assert not (tmp_path / "m").exists()
 
 
+def test_rounding_to_bfloat16_needs_little_beyond_its_output():
+    """The rounded tensor (2 bytes an element) is the only full-size allocation: rounding
+    the whole float32 tensor at once took three times the accumulator's size on top."""
+    import tracemalloc
+
+    from mergemix.merge import to_stored
+
+    acc = np.random.default_rng(0).standard_normal(4_000_000, dtype=np.float32)
+    acc[[5, 70_000]] = np.nan
+    tracemalloc.start()
+    rounded = to_stored(acc, "BF16")
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 0.6 * acc.nbytes, f"peak {peak / acc.nbytes:.2f}x the accumulator"
+    expected = torch.from_numpy(acc).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(rounded[~np.isnan(acc)], expected[~np.isnan(acc)])
+    assert (rounded[[5, 70_000]] == 0x7FC0).all()
+
+
 @pytest.mark.parametrize("block", [None, 1000])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_merge_rounds_as_torch_does_in_every_block(tmp_path, tiny_model_config, dtype, block, monkeypatch):
@@ -131,8 +151,11 @@ def test_merging_does_not_import_torch():
 def test_a_checkpoint_given_twice_or_weights_adding_to_zero_are_refused():
     with pytest.raises(MergeError, match="checkpoint x is given twice"):
         merge_weights("micro", {"a": ["x", "x"], "b": ["y"]})
-    with pytest.raises(MergeError, match="add up to 0"):
+    with pytest.raises(MergeError, match="partition 'a' has token count or weight 0"):
         merge_weights("weighted", {"a": ["x"], "b": ["y"]}, {"a": 0, "b": 0})
+    # a negative count would pass a check of the total alone (weights -1 and 2)
+    with pytest.raises(MergeError, match="partition 'a' has token count or weight -5"):
+        merge_weights("weighted", {"a": ["x"], "b": ["y"]}, {"a": -5, "b": 10})
 
 
 def test_token_counts_and_weights_are_for_weighted_merges_of_their_partitions():
@@ -140,6 +163,8 @@ def test_token_counts_and_weights_are_for_weighted_merges_of_their_partitions():
         partition_shares([], ["a=1", "b=2", "a=3"])
     with pytest.raises(MergeError, match="--tokens gives partition 'a' twice"):
         partition_shares(["a=10", "a=20"], [])
+    with pytest.raises(MergeError, match="--tokens ²: not an integer"):  # isdigit() takes '²', int() does not
+        partition_shares(["a=²"], [])
     with pytest.raises(MergeError, match="--method weighted only, not micro"):
         check_shares("micro", partition_shares([], ["a=1"]))
     check_shares("weighted", partition_shares(["a=1", "b=1"], []))

@@ -34,6 +34,8 @@ def collect(paths: list[Path]) -> pl.DataFrame:
             frame = pl.read_csv(path, infer_schema=False)
         except pl.exceptions.NoDataError as exc:
             raise ValueError(f"{path} is empty: rerun its evaluation") from exc
+        except pl.exceptions.PolarsError as exc:  # a row with extra fields, a stray quote, bytes not UTF-8
+            raise ValueError(f"{path} is not a readable CSV ({str(exc).splitlines()[0]}): rerun its evaluation") from exc
         if frame.columns != COLUMNS:
             raise ValueError(f"{path} has columns {frame.columns}; expected {COLUMNS}: rerun its evaluation")
         for column, dtype in NUMBERS.items():

@@ -120,8 +120,12 @@ def pick_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as exc:
         raise EngineError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from exc
+    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
+        raise EngineError(f"--device {name}: the engine runs on cpu or cuda[:N] only")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EngineError(f"--device {name}: no CUDA device is available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise EngineError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     return device
 
 
@@ -241,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-docs", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=io.whole(0), default=0)
-    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--threads", type=io.whole(0), default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--device", default="auto", help="auto (GPU when available), cpu, cuda, cuda:N")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -251,14 +255,19 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> None:
         check_caps(args.max_docs, args.batch_size)
         mm.check_gpus_usable()
+        device = pick_device(args.device)  # before any checkpoint is read
         models: dict[str, list[Path]] = {}
         for partition, path in parse_pairs(args.model, "--model"):
             models.setdefault(partition, []).append(Path(path))
+        for out in filter(None, (args.out, args.timings)):
+            inside = next((m for ms in models.values() for m in ms if io.is_inside(out, m)), None)
+            if inside is not None:
+                raise EngineError(f"{out} is inside the checkpoint {inside} this job scores: write it elsewhere")
         tokens = partition_shares(args.tokens, args.weight)
         check_shares(args.method, tokens)
         domains = [Domain.parse(d) for d in args.domain]
         jobs = plan_batch(args.mixture, models, domains)
-        rows, timings = run(args.method, jobs, tokens, args.max_docs, args.batch_size, args.seed, pick_device(args.device))
+        rows, timings = run(args.method, jobs, tokens, args.max_docs, args.batch_size, args.seed, device)
         io.write_text(args.out, rows_csv(rows))
         if args.timings:
             io.write_text(args.timings, timings_csv(timings))

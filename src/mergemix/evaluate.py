@@ -18,7 +18,6 @@ import csv
 import io as stdio
 import logging
 import math
-import os
 import sys
 import zlib
 from dataclasses import dataclass
@@ -222,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-docs", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=io.whole(0), default=0)
-    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--threads", type=io.whole(0), default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
@@ -233,8 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         if not domains:
             raise EvalError("no --domain given")
         check_caps(args.max_docs, args.batch_size)
-        model_dir = os.path.realpath(args.model)
-        if os.path.commonpath([model_dir, os.path.realpath(args.out)]) == model_dir:
+        if io.is_inside(args.out, args.model):
             raise EvalError(f"--out {args.out} is inside the checkpoint {args.model} it scores: write the rows elsewhere")
         mm.check_gpus_usable()
         model = mm.load(args.model).eval()

@@ -48,6 +48,12 @@ def whole(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def is_inside(path: str | Path, folder: str | Path) -> bool:
+    """Whether `path` is `folder` or lies under it, links resolved."""
+    folder = os.path.realpath(folder)
+    return os.path.commonpath([folder, os.path.realpath(path)]) == folder
+
+
 def fraction(text: str) -> float:
     """An argparse type: a number above 0 and at most 1 (`argument --heldout-fraction: 1.5 is not in (0, 1]`)."""
     try:

@@ -68,6 +68,10 @@ def merge_weights(method: str, groups: dict[str, list[str]], tokens: dict[str, f
         missing = [p for p in groups if not tokens or p not in tokens]
         if missing:
             raise MergeError(f"weighted merge needs the token count of partition '{missing[0]}' (or its --weight)")
+        bad = next((p for p in groups if not 0 < tokens[p] < math.inf), None)
+        if bad is not None:
+            raise MergeError(f"weighted merge: partition '{bad}' has token count or weight {tokens[bad]}: "
+                             "give each partition a positive, finite count or weight")
         total = sum(tokens[p] for p in groups)
         if not 0 < total < math.inf:
             raise MergeError(f"weighted merge: the token counts or weights of {', '.join(groups)} add up to {total}: "
@@ -204,13 +208,21 @@ def read_block(fd: int, raw: np.ndarray, span: tuple[str, tuple[int, ...], int, 
 
 
 def to_stored(acc: np.ndarray, dtype: str) -> np.ndarray:
-    """A float32 average back in its checkpoint's dtype (bfloat16 rounded to nearest even, as torch does)."""
+    """A float32 average back in its checkpoint's dtype (bfloat16 rounded to nearest even, as torch does).
+
+    bfloat16 is rounded BLOCK elements at a time, so its temporaries stay small beside
+    the output (half the accumulator's size) whatever the tensor's size.
+    """
     if dtype != "BF16":
         return acc.astype(_STORED[dtype], copy=False)
-    bits = acc.view(np.uint32)
-    rounded = ((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)
-    rounded[np.isnan(acc)] = 0x7FC0
-    return rounded
+    flat = acc.reshape(-1)
+    out = np.empty(flat.size, dtype=np.uint16)
+    for lo in range(0, flat.size, BLOCK):
+        bits = flat[lo : lo + BLOCK].view(np.uint32)
+        rounded = ((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)
+        rounded[np.isnan(flat[lo : lo + BLOCK])] = 0x7FC0
+        out[lo : lo + BLOCK] = rounded
+    return out.reshape(acc.shape)
 
 
 def averaged(weights: dict[Path, float], layouts: dict[Path, dict], names: Iterable[str]) -> Iterator[tuple[str, np.ndarray]]:
@@ -300,7 +312,7 @@ def parse_pairs(items: list[str], flag: str) -> list[tuple[str, str]]:
 
 def token_count(value: str) -> int:
     """An integer, or a token shard sidecar (train.json) whose n_tokens is read."""
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # not '²', which isdigit() takes and int() refuses
         return int(value)
     path = Path(value)
     if not path.is_file():

@@ -101,10 +101,18 @@ def _read_text_csv(path: str | os.PathLike, required: Sequence[str], floats: Seq
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
-    df = pl.read_csv(path, infer_schema=False)
+    try:
+        df = pl.read_csv(path, infer_schema=False)
+    except pl.exceptions.PolarsError as exc:  # empty, a row with extra fields, bytes not UTF-8
+        raise ValueError(f"{path} is not a readable CSV ({str(exc).splitlines()[0]}): rerun the analysis") from exc
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise ValueError(f"{path} lacks required column(s): {', '.join(missing)}")
+    for c in (*floats, *ints):
+        bad = df.filter(pl.col(c).is_not_null() & pl.col(c).cast(pl.Int64 if c in ints else pl.Float64, strict=False)
+                        .is_null())[c]
+        if len(bad):
+            raise ValueError(f"{path}: column {c} holds {bad[0]!r}, not a number: rerun the analysis")
     return df.with_columns(
         [pl.col(c).cast(pl.Float64) for c in floats] + [pl.col(c).cast(pl.Int64) for c in ints]
     )
