@@ -282,6 +282,21 @@ def test_missing_apt_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.Monk
     assert not out.exists() and not manifest.exists()
 
 
+def test_an_apt_get_that_hangs_ends_in_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mirror that never answers: apt-get is stopped after APT_TIMEOUT_S (here an
+    apt-get that waits on its input, as one asking a question would, stands in for it)."""
+    from mergemix import debian
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "apt-get").write_text("#!/bin/sh\nread answer\nsleep 60\n")
+    (bin_dir / "apt-get").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setattr(debian, "APT_TIMEOUT_S", 2)
+    with pytest.raises(CorpusError, match="apt-get update did not finish in 2 s"):
+        debian._Apt(tmp_path / "cache").run(["update"], "apt-get update")
+
+
 def built(recipe: str, cache: Path, tmp_path: Path) -> tuple[pa.Table, dict]:
     out, manifest = tmp_path / f"{recipe}.parquet", tmp_path / f"{recipe}.manifest.json"
     build_demo(recipe, cache, out, manifest)

@@ -63,6 +63,7 @@ __all__ = [
 
 #: Words at which a grouped document (gcide, fortunes) is closed.
 GROUP_WORDS = 400
+APT_TIMEOUT_S = 1800  # one apt-get call (a list update or a download) may take this long
 
 
 # --------------------------------------------------------------------------
@@ -280,7 +281,12 @@ class _Apt:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     def run(self, args: list[str], what: str, cwd: Path | None = None) -> str:
-        proc = subprocess.run(["apt-get", *self.options, *args], capture_output=True, text=True, cwd=cwd, check=False)
+        try:  # no terminal to ask on; a network that hangs ends the job instead of holding it forever
+            proc = subprocess.run(["apt-get", *self.options, *args], capture_output=True, text=True, cwd=cwd,
+                                  check=False, stdin=subprocess.DEVNULL, timeout=APT_TIMEOUT_S)
+        except subprocess.TimeoutExpired as err:
+            raise CorpusError(f"{what} did not finish in {APT_TIMEOUT_S} s: check the network to the Debian "
+                              "mirror, or put the .deb files into the cache and rerun") from err
         for line in (proc.stdout + proc.stderr).splitlines():
             log.debug("apt: %s", line)
         if proc.returncode != 0:
