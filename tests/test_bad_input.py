@@ -402,7 +402,7 @@ def ckpt_truncated(tmp, cfg):
 def ckpt_no_sidecar(tmp, cfg):
     make_checkpoint(tmp / "b", cfg, 2)
     (tmp / "b" / mm.SIDECAR).unlink()
-    return str(tmp / "b")
+    return f"{tmp / 'b'} has no {mm.SIDECAR}"  # the folder and the file it lacks
 
 
 def ckpt_bad_sidecar(tmp, cfg):
@@ -420,13 +420,13 @@ def ckpt_sidecar_not_a_mapping(tmp, cfg):
 def ckpt_no_weights(tmp, cfg):
     make_checkpoint(tmp / "b", cfg, 2)
     (tmp / "b" / mm.WEIGHTS).unlink()
-    return str(tmp / "b")
+    return f"{tmp / 'b'} has no {mm.WEIGHTS}"  # the folder and the file it lacks
 
 
 def ckpt_no_config(tmp, cfg):
     make_checkpoint(tmp / "b", cfg, 2)
     (tmp / "b" / mm.CONFIG).unlink()
-    return str(tmp / "b")
+    return f"{tmp / 'b'} has no {mm.CONFIG}"  # the folder and the file it lacks
 
 
 def ckpt_bad_config(tmp, cfg):

@@ -27,7 +27,6 @@ def test_shipped_config_validates_and_plans(shipped):
         (lambda c: c.update(colour="red"), "unknown key 'colour'"),
         (lambda c: c["eval"].pop("max_docs"), "missing key 'eval.max_docs'"),
         (lambda c: c["model"].update(hidden_size="wide"), "'model.hidden_size'"),
-        (lambda c: c["train"].update(zero_stage=4), "'train.zero_stage'"),
         (lambda c: c["mixtures"].update(k=12), "mixtures.k is 12"),
         (lambda c: c["mixtures"].update(include=[["1850s", "nope"]]), "unknown partition 'nope'"),
         (lambda c: c["model"].update(num_heads=3), "divisible by model.num_heads"),

@@ -247,5 +247,7 @@ def test_gpu_engine_matches_cpu(study, tmp_path):
     assert engine.main(["--method", "macro", *model_flags(study["units"], list(UNITS)), *mixture_flags,
                         *[flag for d in study["domains"] for flag in ("--domain", d)],
                         "--out", str(tmp_path / "gpu.csv"), *EVAL, "--device", "cuda"]) == 0
-    for cpu, gpu in zip(read_rows(tmp_path / "cpu.csv"), read_rows(tmp_path / "gpu.csv")):
+    cpu_rows, gpu_rows = read_rows(tmp_path / "cpu.csv"), read_rows(tmp_path / "gpu.csv")
+    assert len(gpu_rows) == len(cpu_rows) > 0
+    for cpu, gpu in zip(cpu_rows, gpu_rows):
         assert float(gpu["nll_sum"]) == pytest.approx(float(cpu["nll_sum"]), rel=1e-4)

@@ -54,7 +54,10 @@ def plan(root, env=None) -> list[tuple[str, str]]:
         elif rule and not line.strip():
             jobs.append((rule, ""))
             rule = None
-    return [job for job in jobs if job[0] != "all"]
+    jobs = [job for job in jobs if job[0] != "all"]
+    if not jobs:  # an empty list must mean an empty plan, not a plan this parser failed to read
+        assert "Nothing to be done" in printed, printed[-3000:]
+    return jobs
 
 
 def planned_models(jobs) -> set[str]:
@@ -97,9 +100,10 @@ def test_new_partition_trains_only_itself_and_its_mixtures(study):
     # seq models' evaluations and merged-model scoring batches: only of mixtures holding
     # the new partition (their batch is keyed by the member listed last in `sources`). Existing seed, unit and ind models are scored on its held-out set too (a
     # new mixture's mean_ind proxy needs them there); none of them retrains.
-    for rule, out in jobs:
-        if rule in ("score_merged", "evaluate_seq"):
-            assert "delta" in out, (rule, out)
+    seq = {out for rule, out in jobs if rule == "evaluate_seq"}
+    assert seq == {f"results/ppl/seq/{m}.csv" for m in ("alpha+delta", "beta+delta", "delta+gamma")}
+    batches = [out for rule, out in jobs if rule == "score_merged"]
+    assert batches and all(out.split("/")[-2] == "delta" for out in batches), batches  # anchored on the new one
     assert {"collect", "analyze"} <= rules
 
     assert run_and_retrained(study) == new

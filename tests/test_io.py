@@ -97,7 +97,7 @@ def test_parquet_rows_bounds_its_row_groups_and_writes_atomically(tmp_path):
         if groups == [25]:  # one group: the bytes of writing the whole table at once
             assert (tmp_path / "t.parquet").read_bytes() == one.getvalue()
     before = (tmp_path / "t.parquet").read_bytes()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="killed midway"):
         with io.StreamedFile(tmp_path / "t.parquet") as out, io.ParquetRows(out, table.schema) as w:
             w.write(table.to_batches()[0].slice(0, 4))
             raise RuntimeError("killed midway")
