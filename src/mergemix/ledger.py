@@ -230,32 +230,34 @@ def collect_paths(paths: Iterable[str | Path]) -> tuple[list[Path], list[Path]]:
 
 @dataclass
 class Stage:
-    """Totals of one stage: jobs, wall seconds, rank-seconds and tokens trained."""
+    """The jobs of one stage, and their totals: wall seconds, rank-seconds and tokens trained."""
 
-    jobs: int = 0
-    seconds: float = 0.0
-    rank_seconds: float = 0.0
-    tokens: int = 0
-    ids: list[str] = field(default_factory=list)
-    #: model id -> (seconds, rank-seconds, tokens) of its jobs
-    per_id: dict[str, tuple[float, float, int]] = field(default_factory=dict)
+    #: one (model id, seconds, rank-seconds, tokens) per job
+    runs: list[tuple[str, float, float, int]] = field(default_factory=list)
 
-    def add(self, ident: str, seconds: float, rank_seconds: float, tokens: int) -> None:
-        self.jobs += 1
-        self.seconds += seconds
-        self.rank_seconds += rank_seconds
-        self.tokens += tokens
-        self.ids.append(ident)
-        before = self.per_id.get(ident, (0.0, 0.0, 0))
-        self.per_id[ident] = (before[0] + seconds, before[1] + rank_seconds, before[2] + tokens)
+    @property
+    def jobs(self) -> int:
+        return len(self.runs)
+
+    @property
+    def ids(self) -> list[str]:
+        return [run[0] for run in self.runs]
+
+    @property
+    def seconds(self) -> float:
+        return sum(run[1] for run in self.runs)
+
+    @property
+    def rank_seconds(self) -> float:
+        return sum(run[2] for run in self.runs)
+
+    @property
+    def tokens(self) -> int:
+        return sum(run[3] for run in self.runs)
 
     def only(self, keep) -> Stage:
-        """The totals of the jobs whose model id passes ``keep``."""
-        part = Stage()
-        for ident in self.ids:
-            if keep(ident):
-                part.add(ident, *self.per_id[ident])
-        return part
+        """The jobs whose model id passes ``keep``."""
+        return Stage([run for run in self.runs if keep(run[0])])
 
 
 def measure(benchmarks: Sequence[Path], sidecars: Sequence[Path]) -> dict[str, Stage]:
@@ -273,7 +275,7 @@ def measure(benchmarks: Sequence[Path], sidecars: Sequence[Path]) -> dict[str, S
                 log.warning("%s: no sidecar %s/%s/%s; its tokens are not counted", path, kind, ident, SIDECAR)
             else:
                 tokens, ranks = found
-        stages[stage].add(ident, seconds, seconds * ranks, tokens)
+        stages[stage].runs.append((ident, seconds, seconds * ranks, tokens))
     return stages
 
 
@@ -351,11 +353,10 @@ def ledger(stages: dict[str, Stage], partitions: int | None = None, k: int | Non
         # model of a one-unit partition; the other methods' inputs: every unit model
         ind = stages["ind_train"]
         several = set(ind.ids)
-        single = unit.only(lambda u: _unit_partition(u) not in several)
-        costs = [(ind.seconds + single.seconds, ind.rank_seconds + single.rank_seconds, ind.tokens + single.tokens)]
-        costs += [(unit.seconds, unit.rank_seconds, unit.tokens)] * (n_methods - 1)
-        mod_train = tuple(sum(c[i] for c in costs) / n_methods for i in range(3))
-        mod_jobs = ind.jobs + (unit.jobs if n_methods > 1 else single.jobs)
+        merged = Stage(ind.runs + unit.only(lambda u: _unit_partition(u) not in several).runs)
+        mod_train = tuple((getattr(merged, a) + (n_methods - 1) * getattr(unit, a)) / n_methods
+                          for a in ("seconds", "rank_seconds", "tokens"))
+        mod_jobs = ind.jobs + unit.jobs if n_methods > 1 else merged.jobs  # the jobs any method needs
         if n_methods > 1:
             unit_item = (f"training: unit models, and ind models for the merged method (mean of the {n_methods} "
                          "merge methods' inputs; do not grow with mixtures)")
