@@ -11,11 +11,9 @@ if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
   exit 1
 fi
 # A .venv without pip is what a failed `python3 -m venv` leaves (Debian without
-# python3-venv): made again, not reused.
+# python3-venv): venv is run on it again, which adds pip and removes nothing.
 if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
-  rm -rf .venv
   if ! python3 -m venv .venv; then
-    rm -rf .venv
     echo "error: python3 -m venv failed: on Debian or Ubuntu install the venv module (apt-get install python3-venv), then rerun" >&2
     exit 1
   fi
