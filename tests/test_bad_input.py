@@ -507,6 +507,19 @@ def test_evaluate_refuses_a_shard_cut_short(cut, tmp_path, tiny_model_config, sh
     assert str(tmp_path / "shard" / (Path(shard).name + ".bin")) in line and "truncated" in line, line
 
 
+@pytest.mark.parametrize("suffix", [".bin", ".idx"])
+def test_evaluate_refuses_a_shard_changed_since_it_was_written(suffix, tmp_path, tiny_model_config, shard):
+    """Same size, one byte different: only the sha256 in the sidecar tells (jobs track the sidecar alone)."""
+    def flip(prefix):
+        path = prefix.with_suffix(suffix)
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+
+    line = _evaluate_damaged_shard(tmp_path, tiny_model_config, shard, flip)
+    assert str(tmp_path / "shard" / (Path(shard).name + suffix)) in line and "sha256" in line, line
+
+
 def test_neither_merge_nor_evaluate_writes_over_the_checkpoint_it_reads(tmp_path, tiny_model_config, shard):
     make_checkpoint(tmp_path / "a", tiny_model_config, 1)
     make_checkpoint(tmp_path / "b", tiny_model_config, 2)

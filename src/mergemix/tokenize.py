@@ -360,14 +360,25 @@ def open_tokens(prefix: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
     if size != meta["n_tokens"] * dtype.itemsize:
         raise TokenizeError(f"{path} holds {size} bytes but its sidecar says {meta['n_tokens']} tokens of {dtype} "
                             f"({meta['n_tokens'] * dtype.itemsize} bytes; truncated or corrupt): delete the shard {prefix}.* and rerun")
+    _check_hash(path, meta.get("bin_sha256"), io.sha256_file(path), prefix)
     # numpy cannot map an empty file; a shard of empty documents is read as no tokens
     tokens = np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
     idx = prefix.with_suffix(".idx")
-    index = np.fromfile(idx, dtype=np.int64)
+    rows = idx.read_bytes()
+    _check_hash(idx, meta.get("idx_sha256"), hashlib.sha256(rows).hexdigest(), prefix)
+    index = np.frombuffer(rows, dtype=np.int64)
     if index.size % 2 or ("n_docs" in meta and index.size // 2 != meta["n_docs"]):
         raise TokenizeError(f"{idx} holds {index.size / 2:g} document rows but its sidecar says {meta.get('n_docs')}: "
                             "delete the shard and rerun")
     return tokens, index.reshape(-1, 2), meta
+
+
+def _check_hash(path: Path, recorded: str | None, actual: str, prefix: Path) -> None:
+    """A shard file must hash to what its sidecar recorded when it was written: the
+    workflow tracks the sidecar alone, so a changed .bin or .idx is caught here."""
+    if recorded is not None and recorded != actual:
+        raise TokenizeError(f"{path} has sha256 {actual[:12]}... but its sidecar recorded {recorded[:12]}... "
+                            f"(changed or corrupt since it was written): delete the shard {prefix}.* and rerun")
 
 
 def unit_ranges(n_tokens: int, unit_tokens: int, unit: int) -> list[tuple[int, int]]:
