@@ -45,6 +45,9 @@ def test_shipped_config_validates_and_plans(shipped):
         (lambda c: c["resources"]["train"].update(gpu=2), "resources.train.gpu is 2: a train job runs one process"),
         (lambda c: c["resources"]["seed"].update(processes=4), "resources.seed.processes is 4"),
         (lambda c: c["merge"].update(weights={"1850s": 1e308, "1870s": 1e308}), "merge.weights add up"),
+        (lambda c: c["eval"]["ood"]["pydoc"].pop("text_column"), "missing key 'eval.ood.pydoc.text_column'"),
+        (lambda c: c["eval"]["ood"]["shakespeare"].update(text_column="body"),
+         "eval.ood.shakespeare.text_column is 'body', but a seed_heldout set is read with the seed's text column"),
     ],
 )
 def test_bad_config_names_the_key(shipped, mutate, expected):
@@ -74,6 +77,15 @@ def test_bad_transfer_section_names_the_key(mutate, expected):
     with pytest.raises(mc.ConfigError) as err:
         mc.validate(broken)
     assert expected in str(err.value)
+
+
+def test_a_seed_heldout_set_needs_no_text_column(shipped):
+    """It is read with the seed's; writing the same column is allowed (configs from before say so)."""
+    edited = copy.deepcopy(shipped)
+    edited["eval"]["ood"]["shakespeare"].pop("text_column", None)
+    mc.validate(edited)
+    edited["eval"]["ood"]["shakespeare"]["text_column"] = edited["seed"]["text_column"]
+    mc.validate(edited)
 
 
 def test_mixture_sample_is_seeded_and_include_is_added(shipped):

@@ -139,6 +139,13 @@ def _check_semantics(config: dict[str, Any], merge_methods: list[str]) -> None:
             raise ConfigError(f"sources.{source}.load: seed_heldout is only valid for eval.ood sets")
     if "seed_heldout" in config["seed"]["load"]:
         raise ConfigError("seed.load: seed_heldout is only valid for eval.ood sets")
+    for name, spec in config["eval"]["ood"].items():
+        column = spec.get("text_column", config["seed"]["text_column"])
+        if "seed_heldout" in spec["load"] and column != config["seed"]["text_column"]:
+            raise ConfigError(
+                f"eval.ood.{name}.text_column is '{column}', but a seed_heldout set is read with the seed's "
+                f"text column ('{config['seed']['text_column']}'): remove the key"
+            )
     loads = {f"sources.{source}.load": spec["load"] for source, spec in config["sources"].items()}
     loads["seed.load"] = config["seed"]["load"]
     loads.update({f"eval.ood.{name}.load": spec["load"] for name, spec in config["eval"]["ood"].items()})
