@@ -214,6 +214,22 @@ def test_unchanged_outputs_keep_mtime(tmp_path: Path, docs_jsonl: Path) -> None:
     assert target.stat().st_mtime == 1_000_000
 
 
+def test_a_failed_group_of_outputs_takes_back_what_it_replaced(tmp_path: Path) -> None:
+    """Partitions and their summary go together: an error after some were written removes
+    those it wrote, keeps one it left unchanged, and leaves no temporary."""
+    kept, rewritten, fresh = tmp_path / "kept.json", tmp_path / "rewritten.json", tmp_path / "fresh.json"
+    kept.write_text('{\n  "a": 1\n}\n')
+    rewritten.write_text("old")
+    with pytest.raises(CorpusError, match="summary failed"):
+        with corpus._Outputs() as outputs:
+            outputs.write_json(kept, {"a": 1})
+            outputs.write_json(rewritten, {"b": 2})
+            outputs.write_json(fresh, {"c": 3})
+            raise CorpusError("summary failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.json"]
+    assert kept.read_text() == '{\n  "a": 1\n}\n'
+
+
 def test_a_killed_writers_temporary_is_cleared(tmp_path: Path, docs_jsonl: Path) -> None:
     """A partition job killed while writing leaves `.NAME.xxxxxxxx.tmp`; the next write of
     that partition removes it, and a neighbour's temporary stays."""

@@ -30,7 +30,6 @@ import argparse
 import ast
 import codecs
 import csv
-import filecmp
 import gzip
 import hashlib
 import io
@@ -57,7 +56,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mergemix.config import REMOTE_FILE
-from mergemix.io import ParquetRows, clear_stale, fsync_file, run_command, usual_mode
+from mergemix.io import ParquetRows, StreamedFile, run_command
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +94,10 @@ class CorpusError(ValueError):
 
 
 class _Outputs:
-    """Write files atomically and remove them again if the command fails.
-
-    A failed Snakemake job must not leave half-written or inconsistent
-    outputs behind (e.g. partitions without their summary), so every file
-    written through this object is deleted if the ``with`` block raises.
-    Files whose content is unchanged are not touched at all, keeping their
-    mtimes stable.
+    """Outputs written together: each atomically (``io.StreamedFile``: a temporary beside
+    it, renamed into place, and left as it is when its bytes are unchanged, keeping its
+    mtime), and every one this group replaced is removed again if the ``with`` block
+    raises, so a failed job leaves no partitions without their summary.
     """
 
     def __init__(self) -> None:
@@ -121,58 +117,27 @@ class _Outputs:
             except OSError as err:  # pragma: no cover - best effort cleanup
                 log.warning("could not remove partial output %s: %s", path, err)
 
-    def write(self, path: Path, writer: Callable[[Path], None]) -> bool:
-        """Call ``writer(tmp)`` and move ``tmp`` onto ``path`` if it differs.
-
-        Returns True when ``path`` was (re)written.
-        """
+    def write(self, path: Path, writer: Callable[[StreamedFile], None]) -> None:
+        """Call ``writer(out)`` with a file object whose bytes become ``path``."""
         path = Path(path)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            clear_stale(path)  # a temporary a killed writer left beside it
-            fd, tmp_name = tempfile.mkstemp(
-                prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
-            )
-        except OSError as err:
-            raise CorpusError(f"cannot create output file {path}: {err.strerror or err}") from err
-        os.close(fd)
-        tmp = Path(tmp_name)
-        replaced = False
-        try:
-            writer(tmp)
-            fsync_file(tmp)  # on disk before it is renamed into place
-            if path.is_file() and filecmp.cmp(tmp, path, shallow=False):
-                log.info("%s is unchanged; leaving it as is", path)
-                usual_mode(path)  # one an earlier version left private
-                return False
-            usual_mode(tmp)
-            os.replace(tmp, path)
-            replaced = True
-            self.written.append(path)
-            return True
+            with StreamedFile(path) as out:
+                writer(out)
         except OSError as err:
             raise CorpusError(f"cannot write output file {path}: {err.strerror or err}") from err
-        finally:
-            if not replaced:
-                tmp.unlink(missing_ok=True)
+        if out.replaced:
+            self.written.append(path)
+        else:
+            log.info("%s is unchanged; leaving it as is", path)
 
-    def write_bytes(self, path: Path, data: bytes) -> bool:
-        """Atomically write ``data`` to ``path`` (see :meth:`write`)."""
-        return self.write(path, lambda tmp: tmp.write_bytes(data))
-
-    def write_json(self, path: Path, obj: Any) -> bool:
-        """Atomically write ``obj`` as indented UTF-8 JSON."""
+    def write_json(self, path: Path, obj: Any) -> None:
+        """Write ``obj`` as indented UTF-8 JSON."""
         text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
-        return self.write_bytes(path, text.encode("utf-8"))
+        self.write(path, lambda out: out.write(text.encode("utf-8")))
 
-    def write_parquet(self, path: Path, table: pa.Table) -> bool:
-        """Atomically write ``table`` as zstd-compressed parquet."""
-        return self.write(
-            path,
-            lambda tmp: pq.write_table(
-                table, tmp, compression="zstd", row_group_size=_ROW_GROUP_SIZE
-            ),
-        )
+    def write_parquet(self, path: Path, table: pa.Table) -> None:
+        """Write ``table`` as zstd-compressed parquet."""
+        self.write(path, lambda out: pq.write_table(table, out, compression="zstd", row_group_size=_ROW_GROUP_SIZE))
 
 
 def _sha256(data: bytes) -> str:
@@ -1133,7 +1098,7 @@ def write_partitions(spec: dict, out_dir: Path, write_summary: bool = True) -> d
     with _Outputs() as outputs:
         for part, (rows, keys) in selected.items():
             written: list[int] = []  # the characters _write_rows wrote
-            outputs.write(out_dir / f"{part}.parquet", lambda tmp: written.append(_write_rows(table, rows, tmp)))
+            outputs.write(out_dir / f"{part}.parquet", lambda out: written.append(_write_rows(table, rows, out)))
             summary[part] = {"n_docs": len(rows), "n_chars": written[0], "raw_keys": keys}
             log.info("source '%s': partition '%s' has %d documents", ps.source, part, len(rows))
         if write_summary:
@@ -1155,20 +1120,20 @@ def _plain_text(batch: pa.RecordBatch) -> pa.RecordBatch:
     return batch if schema is batch.schema else batch.cast(schema)
 
 
-def _write_rows(table: pa.Table, rows: np.ndarray, path: Path) -> int:
-    """Write the given rows (sorted source row numbers) of `table` to `path` as zstd parquet,
+def _write_rows(table: pa.Table, rows: np.ndarray, out: StreamedFile) -> int:
+    """Write the given rows (sorted source row numbers) of `table` to `out` as zstd parquet,
     reading the source _READ_ROWS rows at a time and writing row groups of _ROW_GROUP_SIZE
     rows (fewer where their text passes _ROW_GROUP_BYTES); returns the characters written."""
     schema = _plain_schema(table.schema)
     n_chars = 0
     start = 0
-    with ParquetRows(path, schema, _ROW_GROUP_SIZE, _ROW_GROUP_BYTES) as out:
+    with ParquetRows(out, schema, _ROW_GROUP_SIZE, _ROW_GROUP_BYTES) as rows_out:
         for batch in table.to_batches(max_chunksize=_READ_ROWS):
             lo, hi = np.searchsorted(rows, [start, start + batch.num_rows])
             if lo < hi:
                 taken = _plain_text(batch).take(pa.array(rows[lo:hi] - start))
                 n_chars += int(pc.sum(pc.utf8_length(taken.column(0))).as_py() or 0)
-                out.write(taken)
+                rows_out.write(taken)
             start += batch.num_rows
     return n_chars
 

@@ -153,13 +153,15 @@ class StreamedFile:
     out.write(chunk)` writes a temporary beside `path`, hashing as it goes, and on a
     clean exit flushes it to disk and renames it into place, unless `only_if_changed`
     and `path` already holds the same bytes (then it is left as it is). On an error the
-    temporary goes and `path` is untouched. `sha256` is the hex digest after exit.
+    temporary goes and `path` is untouched. `sha256` is the hex digest after exit, and
+    `replaced` whether `path` was written.
     """
 
     def __init__(self, path: str | Path, only_if_changed: bool = True) -> None:
         self.path = Path(path)
         self.only_if_changed = only_if_changed
         self.sha256 = ""
+        self.replaced = False  # after exit: whether `path` was (re)written
         self._digest = hashlib.sha256()
         self._size = 0
 
@@ -205,6 +207,7 @@ class StreamedFile:
                 return
             usual_mode(tmp)
             os.replace(tmp, self.path)
+            self.replaced = True
         except OSError as exc:
             if exc.filename is None:  # a failed write() or fsync() names no file
                 raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
