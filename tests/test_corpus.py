@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mergemix import corpus
+from mergemix import corpus, pypi
 from mergemix.corpus import CorpusError, build_demo, write_partitions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -403,7 +403,7 @@ Goodbye.
 
 
 def test_parse_play_splits_scenes_and_strips_markup() -> None:
-    docs = corpus._parse_play(MINI_PLAY, "made-up", "comedies")
+    docs = pypi._parse_play(MINI_PLAY, "made-up", "comedies")
     assert [(d["act"], d["scene"]) for d in docs] == [("I", "I"), ("I", "II"), ("II", "PROLOGUE"), ("EPILOGUE", "EPILOGUE")]
     assert docs[0]["text"] == (
         "SCENE I. A room.\n\nEnter ALFA and BRAVO\n\nALFA\nFirst line here,\n"

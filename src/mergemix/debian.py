@@ -20,7 +20,7 @@ writes only there), packages are fetched with ``apt-get download`` and unpacked 
 ``dpkg-deb -x``. All of it works unprivileged. The ``.deb`` files and lists are cached
 and reused, so a rebuild reads the same bytes; delete ``<cache_dir>/debian`` to fetch
 the mirror's current versions. The manifest records package versions and the sha256 of
-every file read, as for the PyPI recipes (:mod:`mergemix.corpus`).
+every file read, as for the PyPI recipes (:mod:`mergemix.pypi`).
 """
 
 from __future__ import annotations
