@@ -297,39 +297,6 @@ def test_an_apt_get_that_hangs_ends_in_one_clear_error(tmp_path: Path, monkeypat
         debian._Apt(tmp_path / "cache").run(["update"], "apt-get update")
 
 
-def _hold_unpack_dir(cache: Path) -> subprocess.Popen:
-    """A job inside _unpack's scratch folder, waiting on its input; its folder comes first on stdout."""
-    code = ("import sys; from pathlib import Path; from mergemix import debian\n"
-            "with debian._Apt(Path(sys.argv[1])).unpack_dir() as tmp:\n"
-            "    print(tmp, flush=True); sys.stdin.read()\n")
-    return subprocess.Popen([sys.executable, "-c", code, str(cache)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
-
-
-def test_a_killed_jobs_scratch_folders_go_and_a_live_jobs_stay(tmp_path: Path) -> None:
-    cache = tmp_path / "cache"
-    killed, live = _hold_unpack_dir(cache), _hold_unpack_dir(cache)
-    killed_dir, live_dir = Path(killed.stdout.readline().strip()), Path(live.stdout.readline().strip())
-    killed.kill()
-    killed.wait()
-    assert killed_dir.is_dir() and live_dir.is_dir() and killed_dir != live_dir
-    download = cache / "debs" / ".download-abc123"  # a download killed mid-way (downloads hold the cache lock)
-    download.mkdir()
-    (download / "dict-gcide_0.48.5_all.deb").write_bytes(b"half a package")
-    mine = cache / ".unpack-before-its-lock"  # killed between making its folder and locking it
-    mine.mkdir()
-    try:
-        with debian._Apt(cache).unpack_dir() as tmp:
-            assert tmp.is_dir()
-            assert not killed_dir.exists() and not download.exists() and not mine.exists()
-            assert live_dir.is_dir(), "the folder of a job still running was removed"
-        assert not tmp.exists()
-    finally:
-        live.communicate("")
-    assert live.returncode == 0 and not live_dir.exists()
-    assert (cache / "debs").is_dir() and (cache / "lists").is_dir()
-
-
 def built(recipe: str, cache: Path, tmp_path: Path) -> tuple[pa.Table, dict]:
     out, manifest = tmp_path / f"{recipe}.parquet", tmp_path / f"{recipe}.manifest.json"
     build_demo(recipe, cache, out, manifest)

@@ -8,6 +8,7 @@ import errno
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +119,35 @@ def test_parquet_rows_failing_at_its_end_leaves_one_error_and_no_file(tmp_path):
             w.write(pa.record_batch([pa.array([1, 2])], names=["n"]))
     gc.collect()
     assert list(tmp_path.iterdir()) == []
+
+
+def _hold_scratch_dir(parent):
+    """A process inside io.scratch_dir(parent, ".unpack-"), waiting on its input; its folder comes first on stdout."""
+    code = ("import sys; from mergemix import io\n"
+            "with io.scratch_dir(sys.argv[1], '.unpack-') as tmp:\n"
+            "    print(tmp, flush=True); sys.stdin.read()\n")
+    return subprocess.Popen([sys.executable, "-c", code, str(parent)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+
+
+def test_a_killed_jobs_scratch_folder_goes_and_a_running_jobs_stays(tmp_path):
+    """SIGKILL skips a TemporaryDirectory's clean-up; the next scratch folder made beside it does it."""
+    killed, live = _hold_scratch_dir(tmp_path), _hold_scratch_dir(tmp_path)
+    killed_dir, live_dir = (Path(p.stdout.readline().strip()) for p in (killed, live))
+    killed.kill()
+    killed.wait()
+    assert killed_dir.is_dir() and live_dir.is_dir() and killed_dir != live_dir
+    unlocked = tmp_path / ".unpack-before-its-lock"  # killed between making its folder and locking it
+    unlocked.mkdir()
+    other = tmp_path / ".download-abc"  # another prefix: not this one's to sweep
+    other.mkdir()
+    try:
+        with io.scratch_dir(tmp_path, ".unpack-") as tmp:
+            assert tmp.is_dir() and tmp.name.startswith(".unpack-")
+            assert not killed_dir.exists() and not unlocked.exists()
+            assert live_dir.is_dir(), "the folder of a job still running was removed"
+        assert not tmp.exists()
+    finally:
+        live.communicate("")
+    assert live.returncode == 0 and not live_dir.exists()
+    assert other.is_dir()

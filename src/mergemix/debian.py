@@ -31,7 +31,6 @@ import logging
 import re
 import shutil
 import subprocess
-import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -43,6 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mergemix.corpus import CorpusError, _Outputs, _sha256, _sha256_file
+from mergemix.io import scratch_dir
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,6 @@ __all__ = [
 #: Words at which a grouped document (gcide, fortunes) is closed.
 GROUP_WORDS = 400
 APT_TIMEOUT_S = 1800  # one apt-get call (a list update or a download) may take this long
-OWNER = ".owner"  # the file in an unpack folder its job holds a lock on
 
 
 # --------------------------------------------------------------------------
@@ -273,46 +272,13 @@ class _Apt:
 
     @contextmanager
     def locked(self) -> Iterator[None]:
-        """Serialise parallel demo_corpus jobs sharing the cache (apt would refuse them).
-
-        Whoever takes the lock first removes the scratch folders of jobs that were killed
-        (SIGKILL skips the clean-up of a TemporaryDirectory)."""
+        """Serialise parallel demo_corpus jobs sharing the cache (apt would refuse them)."""
         with open(self.root / ".lock", "w") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
-                self._sweep()
                 yield
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
-
-    def _sweep(self) -> None:
-        # downloads run under the lock, so a download folder seen holding it is a dead job's
-        for old in self.debs.glob(".download-*"):
-            shutil.rmtree(old, ignore_errors=True)
-        # unpacking does not; a live one is known by the lock its job holds on it
-        for old in self.root.glob(".unpack-*"):
-            try:
-                with open(old / OWNER, "r") as owner:
-                    fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue
-            except FileNotFoundError:
-                pass  # killed before it took its lock (it is made under this lock, so not about to)
-            shutil.rmtree(old, ignore_errors=True)
-
-    @contextmanager
-    def unpack_dir(self) -> Iterator[Path]:
-        """A scratch folder under the cache that a later job can tell is abandoned: its
-        job holds a lock on the file OWNER in it for as long as it lives."""
-        with self.locked():  # made and locked before any other job sweeps
-            tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=self.root))
-            owner = open(tmp / OWNER, "w")
-            fcntl.flock(owner, fcntl.LOCK_EX)
-        try:
-            yield tmp
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-            owner.close()
 
     def run(self, args: list[str], what: str, cwd: Path | None = None) -> str:
         try:  # no terminal to ask on; a network that hangs ends the job instead of holding it forever
@@ -364,7 +330,7 @@ class _Apt:
             log.info("using cached %s", cached[0])
             return cached[0]
         self.ensure_lists()
-        with tempfile.TemporaryDirectory(prefix=".download-", dir=self.debs) as tmp:
+        with scratch_dir(self.debs, ".download-") as tmp:
             try:
                 self.run(["download", package], f"apt-get download {package}", cwd=Path(tmp))
             except CorpusError:
@@ -416,7 +382,7 @@ class _Unpacked:
 
 @contextmanager
 def _unpack(apt: _Apt, packages: list[str]) -> Iterator[_Unpacked]:
-    with apt.unpack_dir() as tmp:
+    with scratch_dir(apt.root, ".unpack-") as tmp:
         unpacked = _Unpacked(tmp, [], {})
         for package in packages:
             with apt.locked():

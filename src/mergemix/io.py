@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import fcntl
 import hashlib
 import json
 import math
@@ -19,8 +20,9 @@ import re
 import shutil
 import sys
 import tempfile
-from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -390,6 +392,42 @@ class TensorStream:
 def read_json(path: str | Path) -> Any:
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
+
+
+SCRATCH_OWNER = ".owner"  # the file in a scratch folder its job holds a lock on
+SCRATCH_LOCK = ".scratch.lock"  # held while a scratch folder is swept or made
+
+
+@contextmanager
+def scratch_dir(parent: str | Path, prefix: str) -> Iterator[Path]:
+    """A temporary folder `parent/<prefix>XXXXXXXX`, removed on exit, that no killed job
+    leaves behind for long: its job holds a lock on the file SCRATCH_OWNER in it while it
+    lives, and making one first removes every `prefix` folder whose lock is free (SIGKILL
+    skips the clean-up of a TemporaryDirectory; the kernel drops the lock with the
+    process). Sweeping and making happen under one lock in `parent`, so no folder is ever
+    seen between being made and being locked.
+    """
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    with open(parent / SCRATCH_LOCK, "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        for old in parent.glob(prefix + "*"):
+            try:
+                with open(old / SCRATCH_OWNER) as owner:
+                    fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a running job's
+            except FileNotFoundError:
+                pass  # killed between making it and locking it
+            shutil.rmtree(old, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        owner = open(tmp / SCRATCH_OWNER, "w")
+        fcntl.flock(owner, fcntl.LOCK_EX)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        owner.close()
 
 
 class StagingDir:

