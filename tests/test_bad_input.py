@@ -520,6 +520,23 @@ def test_evaluate_refuses_a_shard_changed_since_it_was_written(suffix, tmp_path,
     assert str(tmp_path / "shard" / (Path(shard).name + suffix)) in line and "sha256" in line, line
 
 
+def test_evaluate_out_of_memory_names_the_batch_size(tmp_path, tiny_model_config, shard):
+    """A batch whose logits cannot be allocated (here a 2**20-row vocabulary: the first
+    batch's logits take far more than this machine's memory, and the allocator refuses at
+    once) ends in one line that says what to lower, not a traceback."""
+    vocab = 1 << 20
+    make_checkpoint(tmp_path / "a", tiny_model_config, 1, vocab=vocab)
+    tokens = json.loads(Path(shard).with_suffix(".json").read_text())["n_tokens"]
+    need = min(tokens, 100_000) * vocab * 4  # bytes of float32 logits of one batch of every window
+    assert need > 4 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "the shard is too small to overflow"
+    out = tmp_path / "rows.csv"
+    done = run("-m", "mergemix.evaluate", "--model", str(tmp_path / "a"), "--domain", f"docs:ood:100000:{shard}",
+               "--out", str(out), "--model-kind", "unit", "--model-id", "a", "--batch-size", "100000")
+    line = error_line(done)
+    assert "out of memory on cpu" in line and "--batch-size" in line and "100000" in line, line
+    assert not out.exists()
+
+
 def test_neither_merge_nor_evaluate_writes_over_the_checkpoint_it_reads(tmp_path, tiny_model_config, shard):
     make_checkpoint(tmp_path / "a", tiny_model_config, 1)
     make_checkpoint(tmp_path / "b", tiny_model_config, 2)
