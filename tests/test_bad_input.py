@@ -287,6 +287,20 @@ def test_tokenizer_larger_than_model_vocabulary(shard, tokenizer_dir, tmp_path):
     assert_nothing_left(out)
 
 
+def test_training_out_of_memory_says_to_set_micro_batch(shard, tokenizer_dir, tmp_path):
+    """A forward pass whose logits cannot be allocated (a 2**20-row vocabulary, 1,024
+    windows at once: 137 GB of float32 logits) ends in one line naming train.micro_batch."""
+    batch = 1024
+    need = batch * MODEL["context_length"] * (1 << 20) * 4
+    assert need > 4 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "raise the batch to overflow memory"
+    out = tmp_path / "seed"
+    phase = dict(PHASE, batch_size=batch)
+    line = error_line(run(*train_cmd(shard, tokenizer_dir, out, model=dict(MODEL, vocab_size=1 << 20), phase=phase,
+                                     tokens=batch * (MODEL["context_length"] + 1) + 1)))
+    assert "out of memory on cpu" in line and "train.micro_batch" in line and str(batch) in line, line
+    assert_nothing_left(out)
+
+
 @pytest.mark.parametrize("kind", ["missing", "empty folder"])
 def test_unknown_tokenizer_name(kind, tmp_path):
     out = tmp_path / "tokenizer"

@@ -118,18 +118,13 @@ def score_windows(model: torch.nn.Module, windows: list[tuple[np.ndarray, np.nda
                 logits.reshape(-1, logits.shape[-1]), targets.to(device).reshape(-1), ignore_index=-100, reduction="sum"
             ).item()
         except RuntimeError as exc:
-            if not out_of_memory(exc):
+            if not mm.out_of_memory(exc):
                 raise
             raise EvalError(
                 f"out of memory on {device} scoring {len(batch)} windows of {width} tokens at once: lower "
                 f"--batch-size (eval.batch_size in the config; it is {batch_size}) and rerun"
             ) from exc
     return total
-
-
-def out_of_memory(exc: RuntimeError) -> bool:
-    """Whether `exc` is an allocation that failed: torch's GPU error, or the CPU allocator's."""
-    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
 
 
 def domain_seed(seed: int, name: str) -> int:

@@ -171,6 +171,13 @@ def read_layout(path: str | Path) -> dict[str, tuple[str, tuple[int, ...], int, 
     return dict(sorted(spans.items(), key=lambda item: item[1][2]))
 
 
+def out_of_memory(exc: RuntimeError) -> bool:
+    """Whether `exc` is an allocation that failed: torch's GPU error, or the CPU allocator's."""
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
+
+
 class DeviceError(ValueError):
     """A job given GPUs that torch cannot use."""
 

@@ -651,7 +651,16 @@ def train(
             group["lr"] = lr
         losses = []
         for chunk in local.split(micro):  # DeepSpeed steps the optimizer after the last one
-            loss = window_loss(engine, chunk)
+            try:
+                loss = window_loss(engine, chunk)
+            except RuntimeError as exc:
+                if not mm.out_of_memory(exc):
+                    raise
+                raise TrainError(
+                    f"out of memory on {engine.device} in a forward pass of {len(chunk)} windows of {context} tokens "
+                    f"({kind} training, step {step}): set train.micro_batch to a smaller divisor of {len(local)} "
+                    "(the gradients of its passes are accumulated into the same step)"
+                ) from exc
             # Ranks agree on each loss before its backward pass: a non-finite loss stops
             # them all, before the step changes any weight.
             losses.append(_mean_over_ranks(loss, world))
