@@ -653,23 +653,23 @@ def train(
         for chunk in local.split(micro):  # DeepSpeed steps the optimizer after the last one
             try:
                 loss = window_loss(engine, chunk)
+                # Ranks agree on each loss before its backward pass: a non-finite loss
+                # stops them all, before the step changes any weight.
+                losses.append(_mean_over_ranks(loss, world))
+                if not math.isfinite(losses[-1]):
+                    good = drop_resume_from(out, step, key) if rank0 else None
+                    kept = f"; the last good state ({good.name}) is kept in {good.parent}" if good else ""
+                    raise TrainError(f"{kind} training loss is {losses[-1]} at step {step}: lower the learning rate{kept}")
+                engine.backward(loss)
+                engine.step()
             except RuntimeError as exc:
                 if not mm.out_of_memory(exc):
                     raise
                 raise TrainError(
-                    f"out of memory on {engine.device} in a forward pass of {len(chunk)} windows of {context} tokens "
+                    f"out of memory on {engine.device} in a pass of {len(chunk)} windows of {context} tokens "
                     f"({kind} training, step {step}): set train.micro_batch to a smaller divisor of {len(local)} "
                     "(the gradients of its passes are accumulated into the same step)"
                 ) from exc
-            # Ranks agree on each loss before its backward pass: a non-finite loss stops
-            # them all, before the step changes any weight.
-            losses.append(_mean_over_ranks(loss, world))
-            if not math.isfinite(losses[-1]):
-                good = drop_resume_from(out, step, key) if rank0 else None
-                kept = f"; the last good state ({good.name}) is kept in {good.parent}" if good else ""
-                raise TrainError(f"{kind} training loss is {losses[-1]} at step {step}: lower the learning rate{kept}")
-            engine.backward(loss)
-            engine.step()
         mean_loss = sum(losses) / len(losses)
         # ... and on a pending SIGTERM once the step is done, so a signal that came during
         # it is acted on now (not a step later) and the ranks stop together.
