@@ -19,7 +19,6 @@ from mergemix.analyze import (
     correlations,
     in_domain_rows,
     load_perplexity,
-    markdown_table,
     proxy_table,
 )
 
@@ -439,7 +438,7 @@ def _corr_table():
 
 
 def test_markdown_table_bolds_row_max():
-    md = markdown_table(_corr_table())
+    md = analyze.table_markdown(analyze.table2(_corr_table()))
     lines = md.strip().splitlines()
     assert "n = 7" in lines[0] and "Pearson r" in lines[0]
     table = [ln for ln in lines if ln.startswith("|")]
@@ -453,11 +452,11 @@ def test_markdown_table_bolds_row_max():
 
 
 def test_latex_and_wide_tables():
-    tex = analyze.latex_table(_corr_table())
+    tex = analyze.table_latex(analyze.table2(_corr_table()))
     assert r"\toprule" in tex and r"\bottomrule" in tex
     assert r"web & 0.500 & \textbf{0.900} & 0.100 \\" in tex
     assert r"mean\_ind" in tex
-    wide = analyze.wide_table(_corr_table())
+    wide = analyze.table_frame(analyze.table2(_corr_table()))
     assert wide.columns == ["domain", "micro", "mean_ind", "ind_id"]
     assert wide["domain"].to_list() == ["news", "web", "in-domain", "OOD mean"]
     assert wide["mean_ind"].to_list() == pytest.approx([0.7, 0.9, 0.6, 0.8])

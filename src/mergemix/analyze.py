@@ -815,10 +815,6 @@ def _cells(corr: pl.DataFrame, stat: str) -> tuple[list[str], list[str], dict[tu
     return domains, proxies, cell
 
 
-def _table_layout(corr: pl.DataFrame) -> tuple[list[str], list[str], dict[tuple[str, str], float]]:
-    return _cells(corr, "pearson_r")
-
-
 def _n_text(corr: pl.DataFrame) -> str:
     sel = corr.filter(pl.col("domain") != OOD_MEAN) if "n_mixtures" in corr.columns else None
     if sel is None or sel.height == 0:
@@ -918,21 +914,6 @@ def table3(corr: pl.DataFrame) -> PaperTable:
         formats=tuple(c[4] for c in TABLE3_COLUMNS), bold="column",
         better=tuple(c[5] for c in TABLE3_COLUMNS),
     )
-
-
-def markdown_table(corr: pl.DataFrame) -> str:
-    """Markdown version of the paper's Table 2 (caption line, then the table)."""
-    return table_markdown(table2(corr))
-
-
-def wide_table(corr: pl.DataFrame) -> pl.DataFrame:
-    """Table 2 as a wide frame: ``domain`` then one Pearson-r column per proxy."""
-    return table_frame(table2(corr))
-
-
-def latex_table(corr: pl.DataFrame) -> str:
-    """Table 2 as a booktabs LaTeX tabular (needs ``\\usepackage{booktabs}``)."""
-    return table_latex(table2(corr))
 
 
 #: the paper-shaped tables written under results/tables/, by file stem
