@@ -71,7 +71,6 @@ STRING_COLUMNS = ("model_kind", "model_id", "mixture", "method", "domain", "doma
 INT_COLUMNS = ("n_docs", "n_tokens", "n_bytes")
 FLOAT_COLUMNS = ("nll_sum", "ppl", "bpb")
 
-MODEL_KINDS = ("seed", "unit", "ind", "seq", "merged")
 #: merge methods in the order their proxy columns appear in tables
 MERGE_METHODS: tuple[str, ...] = ("micro", "macro", "weighted", "merged")
 MEAN_IND = "mean_ind"
@@ -734,11 +733,6 @@ def _best_mask(shown: list[str], better: str = "max") -> list[bool]:
         return [False] * len(shown)
     best = max(finite) if better == "max" else min(finite)
     return [v is not None and v == best for v in vals]
-
-
-def _bold_mask(values: list[float]) -> list[bool]:
-    """Highest value per row at three decimals (ties all bold; NaN never)."""
-    return _best_mask([_fmt(v) for v in values])
 
 
 def _shown_cells(t: PaperTable) -> list[list[tuple[str, bool, float]]]:

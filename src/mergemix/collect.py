@@ -15,7 +15,6 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ["model_kind", "model_id", "mixture", "method", "domain", "domain_kind",
            "n_docs", "n_tokens", "n_bytes", "nll_sum", "ppl", "bpb"]
-TEXT = {"model_kind", "model_id", "mixture", "method", "domain", "domain_kind"}
 NUMBERS = {"n_docs": pl.Int64, "n_tokens": pl.Int64, "n_bytes": pl.Int64,
            "nll_sum": pl.Float64, "ppl": pl.Float64, "bpb": pl.Float64}
 
