@@ -46,7 +46,7 @@ def paper_config(partitions: int, units: int, k: int, ood: int, methods: list[st
     config["eval"]["ood"] = {
         f"ood{i}": {"load": {"demo": recipes[i % 2]}, "text_column": "text"} for i in range(ood - 1)
     }
-    config["eval"]["ood"]["shakespeare"] = {"load": {"seed_heldout": True}, "text_column": "text"}
+    config["eval"]["ood"]["shakespeare"] = {"load": {"seed_heldout": True}}
     config["decontaminate"]["against"] = list(config["eval"]["ood"])
     # Proxies for every k-subset; seq models (real training runs) for a sample only.
     config["mixtures"].update(k=k, sample=None, include=[], seq=seq, seq_sample=seq_sample)

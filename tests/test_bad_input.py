@@ -11,6 +11,7 @@ import copy
 import errno
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -29,8 +30,20 @@ from tests.conftest import REPO, make_checkpoint
 # --- helpers ---------------------------------------------------------------------------
 
 
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, cwd=cwd)
+def run(*args: str, cwd: Path | None = None, address_space: int | None = None) -> subprocess.CompletedProcess:
+    """Run python with `args`; `address_space` (bytes) caps the child's virtual memory, so
+    that an allocation beyond it is refused at once on any machine, whatever its RAM and
+    overcommit setting."""
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, cwd=cwd,
+                          preexec_fn=cap if address_space else None)
+
+
+#: the address space of a child that must run out of memory: far above what a tiny model
+#: needs, far below the logits the out-of-memory cases ask for (137 GB and 161 GB)
+CAPPED = 48 << 30
 
 
 def error_line(done: subprocess.CompletedProcess, prefix: str = "error:") -> str:
@@ -291,12 +304,11 @@ def test_training_out_of_memory_says_to_set_micro_batch(shard, tokenizer_dir, tm
     """A forward pass whose logits cannot be allocated (a 2**20-row vocabulary, 1,024
     windows at once: 137 GB of float32 logits) ends in one line naming train.micro_batch."""
     batch = 1024
-    need = batch * MODEL["context_length"] * (1 << 20) * 4
-    assert need > 4 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "raise the batch to overflow memory"
+    assert batch * MODEL["context_length"] * (1 << 20) * 4 > 2 * CAPPED
     out = tmp_path / "seed"
     phase = dict(PHASE, batch_size=batch)
     line = error_line(run(*train_cmd(shard, tokenizer_dir, out, model=dict(MODEL, vocab_size=1 << 20), phase=phase,
-                                     tokens=batch * (MODEL["context_length"] + 1) + 1)))
+                                     tokens=batch * (MODEL["context_length"] + 1) + 1), address_space=CAPPED))
     assert "out of memory on cpu" in line and "train.micro_batch" in line and str(batch) in line, line
     assert_nothing_left(out)
 
@@ -501,13 +513,14 @@ def test_evaluate_refuses_a_damaged_shard_sidecar(sidecar, tmp_path, tiny_model_
     assert str(tmp_path / "shard" / (Path(shard).name + ".json")) in line, line
 
 
-def test_evaluate_refuses_a_shard_index_cut_short(tmp_path, tiny_model_config, shard):
-    def cut(prefix):  # the last document's row is gone
+@pytest.mark.parametrize("cut", [16, 5], ids=["a row", "part of a row"])
+def test_evaluate_refuses_a_shard_index_cut_short(cut, tmp_path, tiny_model_config, shard):
+    def shorten(prefix):
         idx = prefix.with_suffix(".idx")
-        idx.write_bytes(idx.read_bytes()[:-16])
+        idx.write_bytes(idx.read_bytes()[:-cut])
 
-    line = _evaluate_damaged_shard(tmp_path, tiny_model_config, shard, cut)
-    assert str(tmp_path / "shard" / (Path(shard).name + ".idx")) in line, line
+    line = _evaluate_damaged_shard(tmp_path, tiny_model_config, shard, shorten)
+    assert str(tmp_path / "shard" / (Path(shard).name + ".idx")) in line and "document rows" in line, line
 
 
 @pytest.mark.parametrize("cut", [1, 2, 4], ids=["half a token", "a token", "two tokens"])
@@ -536,16 +549,17 @@ def test_evaluate_refuses_a_shard_changed_since_it_was_written(suffix, tmp_path,
 
 def test_evaluate_out_of_memory_names_the_batch_size(tmp_path, tiny_model_config, shard):
     """A batch whose logits cannot be allocated (here a 2**20-row vocabulary: the first
-    batch's logits take far more than this machine's memory, and the allocator refuses at
+    batch's logits take far more than the child may map, and the allocator refuses at
     once) ends in one line that says what to lower, not a traceback."""
     vocab = 1 << 20
     make_checkpoint(tmp_path / "a", tiny_model_config, 1, vocab=vocab)
     tokens = json.loads(Path(shard).with_suffix(".json").read_text())["n_tokens"]
     need = min(tokens, 100_000) * vocab * 4  # bytes of float32 logits of one batch of every window
-    assert need > 4 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "the shard is too small to overflow"
+    assert need > 2 * CAPPED, "the shard is too small to overflow"
     out = tmp_path / "rows.csv"
     done = run("-m", "mergemix.evaluate", "--model", str(tmp_path / "a"), "--domain", f"docs:ood:100000:{shard}",
-               "--out", str(out), "--model-kind", "unit", "--model-id", "a", "--batch-size", "100000")
+               "--out", str(out), "--model-kind", "unit", "--model-id", "a", "--batch-size", "100000",
+               address_space=CAPPED)
     line = error_line(done)
     assert "out of memory on cpu" in line and "--batch-size" in line and "100000" in line, line
     assert not out.exists()

@@ -214,7 +214,7 @@ def test_unchanged_outputs_keep_mtime(tmp_path: Path, docs_jsonl: Path) -> None:
     assert target.stat().st_mtime == 1_000_000
 
 
-def test_a_failed_group_of_outputs_takes_back_what_it_replaced(tmp_path: Path) -> None:
+def test_a_failed_group_of_outputs_removes_what_it_wrote(tmp_path: Path) -> None:
     """Partitions and their summary go together: an error after some were written removes
     those it wrote, keeps one it left unchanged, and leaves no temporary."""
     kept, rewritten, fresh = tmp_path / "kept.json", tmp_path / "rewritten.json", tmp_path / "fresh.json"

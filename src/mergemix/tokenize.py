@@ -365,12 +365,11 @@ def open_tokens(prefix: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
     tokens = np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
     idx = prefix.with_suffix(".idx")
     rows = idx.read_bytes()
-    _check_hash(idx, meta.get("idx_sha256"), hashlib.sha256(rows).hexdigest(), prefix)
-    index = np.frombuffer(rows, dtype=np.int64)
-    if index.size % 2 or ("n_docs" in meta and index.size // 2 != meta["n_docs"]):
-        raise TokenizeError(f"{idx} holds {index.size / 2:g} document rows but its sidecar says {meta.get('n_docs')}: "
+    if len(rows) % 16 or ("n_docs" in meta and len(rows) // 16 != meta["n_docs"]):
+        raise TokenizeError(f"{idx} holds {len(rows) / 16:g} document rows but its sidecar says {meta.get('n_docs')}: "
                             "delete the shard and rerun")
-    return tokens, index.reshape(-1, 2), meta
+    _check_hash(idx, meta.get("idx_sha256"), hashlib.sha256(rows).hexdigest(), prefix)
+    return tokens, np.frombuffer(rows, dtype=np.int64).reshape(-1, 2), meta
 
 
 def _check_hash(path: Path, recorded: str | None, actual: str, prefix: Path) -> None:

@@ -665,11 +665,11 @@ def train(
             except RuntimeError as exc:
                 if not mm.out_of_memory(exc):
                     raise
-                raise TrainError(
-                    f"out of memory on {engine.device} in a pass of {len(chunk)} windows of {context} tokens "
-                    f"({kind} training, step {step}): set train.micro_batch to a smaller divisor of {len(local)} "
-                    "(the gradients of its passes are accumulated into the same step)"
-                ) from exc
+                fix = (f"set train.micro_batch to a smaller divisor of {len(local)} (the gradients of its passes "
+                       "are accumulated into the same step)" if len(chunk) > 1 else
+                       "one window does not fit: use a device with more memory, or a smaller model or context")
+                raise TrainError(f"out of memory on {engine.device} in a pass of {len(chunk)} windows of {context} "
+                                 f"tokens ({kind} training, step {step}): {fix}") from exc
         mean_loss = sum(losses) / len(losses)
         # ... and on a pending SIGTERM once the step is done, so a signal that came during
         # it is acted on now (not a step later) and the ranks stop together.
