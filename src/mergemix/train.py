@@ -96,19 +96,26 @@ class Windows:
             raise TrainError(f"unit_tokens {unit_tokens} holds fewer tokens than one window of {context + 1}: "
                              "raise unit_tokens")
         self.sources: list[tuple[np.ndarray, int]] = []  # (shard tokens, first stream position)
+        opened: dict[Path, np.ndarray] = {}  # each shard is opened (and hashed) once, however many units it gives
         for spec in units:
             prefix, index = parse_unit(spec)
-            try:
-                tokens, _, meta = open_tokens(prefix)
-            except FileNotFoundError as exc:
-                raise TrainError(f"token shard {prefix}.bin/.json is missing: run the tokenize rule first") from exc
-            if meta["tokenizer_sha256"] != expect_tokenizer:
-                raise TrainError(f"token shard {prefix} was made with another tokenizer than the model's: "
-                                 "rerun tokenization")
-            if tokens.size == 0:
-                raise TrainError(f"token shard {prefix} holds no tokens: its documents are empty")
-            self.sources.append((tokens, index * unit_tokens))
+            if prefix not in opened:
+                opened[prefix] = self._open(prefix, expect_tokenizer)
+            self.sources.append((opened[prefix], index * unit_tokens))
         self.dtype = self.sources[0][0].dtype if self.sources else np.dtype(np.uint16)
+
+    @staticmethod
+    def _open(prefix: Path, expect_tokenizer: str) -> np.ndarray:
+        try:
+            tokens, _, meta = open_tokens(prefix)
+        except FileNotFoundError as exc:
+            raise TrainError(f"token shard {prefix}.bin/.json is missing: run the tokenize rule first") from exc
+        if meta["tokenizer_sha256"] != expect_tokenizer:
+            raise TrainError(f"token shard {prefix} was made with another tokenizer than the model's: "
+                             "rerun tokenization")
+        if tokens.size == 0:
+            raise TrainError(f"token shard {prefix} holds no tokens: its documents are empty")
+        return tokens
 
     def __len__(self) -> int:
         return len(self.sources) * self.per_unit
