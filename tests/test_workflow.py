@@ -78,12 +78,14 @@ def snakemake(root, *args, timeout=900, env=None):
 
 
 def complete_run(root):
-    """Write the tiny study into `root` and run it to the end."""
+    """Write the tiny study into `root` and run it to the end, each job seeing only the
+    packages its rule's conda environment declares (tests/test_envs.py)."""
     from tests.conftest import stdlib_docstrings
+    from tests.test_envs import with_rule_environments
 
     write_data(root, stdlib_docstrings([m for ms in MODULES.values() for m in ms]))
     (root / "config.yaml").write_text(yaml.safe_dump(tiny_config(root)))
-    done = snakemake(root)
+    done = snakemake(root, env=with_rule_environments())
     assert done.returncode == 0, done.stderr[-4000:]
     return root
 
