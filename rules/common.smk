@@ -4,7 +4,6 @@ All logic of substance lives in the `mergemix` package; this file only turns con
 into file paths and command-line flags.
 """
 
-import glob
 import importlib.util
 import json
 import os
@@ -20,8 +19,9 @@ try:
     for configfile_path in workflow.configfiles:
         mmconfig.check_unique_keys(configfile_path)
     mmconfig.validate(config)
+    mmconfig.check_data_files(config)
 except mmconfig.ConfigError as exc:
-    raise WorkflowError(f"config error: {exc}")
+    sys.exit(f"config error: {exc}")
 
 
 # Rules run `python -m mergemix.<stage>`. The interpreter running this workflow has just
@@ -135,14 +135,7 @@ def get_raw_inputs(wildcards):
     load = load_spec(wildcards.group, wildcards.name)["load"]
     if "demo" in load:
         return [f"work/raw/{load['demo']}.parquet"]
-    files = []
-    for f in load.get("data_files") or []:
-        if mmconfig.REMOTE_FILE.match(f):  # read by datasets: no input to check
-            continue
-        files.extend(
-            sorted(glob.glob(f, recursive=True)) if set("*?[") & set(f) else [f]
-        )
-    return files
+    return mmconfig.local_data_files(load.get("data_files"), "data_files")
 
 
 def partition_rename(entry, name):

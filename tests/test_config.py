@@ -259,3 +259,20 @@ def test_micro_batch_must_divide_every_batch():
     cfg["train"]["micro_batch"] = 0
     with pytest.raises(mc.ConfigError, match=r"train.micro_batch"):
         mc.validate(cfg)
+
+
+def test_local_data_files_expand_patterns_and_name_the_entry_that_gives_nothing(tmp_path, monkeypatch):
+    from mergemix.config import local_data_files
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("b/2.jsonl", "a/1.jsonl", "a/deep/3.jsonl", "a/.hidden.jsonl", "c.jsonl"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}\n")
+    got = local_data_files(["c.jsonl", "**/*.jsonl", "hf://datasets/x/y.jsonl"], "k")
+    assert got == ["c.jsonl", "a/1.jsonl", "a/deep/3.jsonl", "b/2.jsonl", "c.jsonl"]
+    for entries, message in ((["nope/*.jsonl"], "k: pattern 'nope/*.jsonl' matches no file"),
+                             (["a"], "k: 'a' is a folder; list its files or a pattern ('a/*.jsonl')"),
+                             (["c.jsonl", "gone.jsonl"], "k: data file 'gone.jsonl' does not exist under")):
+        with pytest.raises(mc.ConfigError) as raised:
+            local_data_files(entries, "k")
+        assert str(raised.value).startswith(message), raised.value

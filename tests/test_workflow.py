@@ -393,6 +393,24 @@ def test_bad_config_fails_before_any_job(run, tmp_path):
     assert not (tmp_path / "work").exists()
 
 
+def test_a_finished_study_whose_data_path_breaks_stops_with_the_key(run, tmp_path):
+    """Snakemake alone answers "Nothing to be done" when a finished job's input is gone
+    (it tolerates missing inputs of up-to-date outputs): a mistyped or moved data path
+    would leave the old results standing as if they were the new ones."""
+    study = tmp_path / "study"
+    shutil.copytree(run, study, symlinks=True)
+    config = yaml.safe_load((study / "config.yaml").read_text())
+    config["sources"]["docs"]["load"]["data_files"] = ["docs.jsonl"]
+    (study / "config.yaml").write_text(yaml.safe_dump(config))
+    before = sorted(p.relative_to(study) for p in study.rglob("*"))
+    done = snakemake(study, "-n")
+    assert done.returncode != 0
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if "docs.jsonl" in line]
+    assert errors == [f"config error: sources.docs.load.data_files: data file 'docs.jsonl' does not exist under "
+                      f"{study}; fix the path or restore the file"], errors
+    assert sorted(p.relative_to(study) for p in study.rglob("*")) == before
+
+
 def test_missing_text_column_fails_before_training(run, tmp_path):
     shutil.copytree(run / "data", tmp_path / "data")
     config = yaml.safe_load((run / "config.yaml").read_text())

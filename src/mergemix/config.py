@@ -8,6 +8,7 @@ Every failure is one `ConfigError` line that names the key and the offending val
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import itertools
 import math
@@ -50,6 +51,41 @@ REMOTE_FILE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 class ConfigError(ValueError):
     """A config.yaml problem, phrased for the user: the key, the value, what to do."""
+
+
+def local_data_files(entries: list[str] | None, where: str) -> list[str]:
+    """The local files a load's `data_files` name, in order, each pattern expanded to
+    the files it matches (glob, `**` recursive, hidden files left out). URLs are
+    skipped: `datasets` reads them. Relative paths start from the working directory.
+    A ConfigError names `where` and the entry that gives no file."""
+    files: list[str] = []
+    for entry in entries or []:
+        if REMOTE_FILE.match(entry):
+            continue
+        if set("*?[") & set(entry):
+            matches = sorted(f for f in glob.glob(entry, recursive=True) if os.path.isfile(f))
+            if not matches:
+                raise ConfigError(f"{where}: pattern {entry!r} matches no file under {os.getcwd()}; fix the pattern")
+            files.extend(matches)
+        elif os.path.isdir(entry):
+            raise ConfigError(f"{where}: {entry!r} is a folder; list its files or a pattern ('{entry}/*.jsonl')")
+        elif not os.path.isfile(entry):
+            raise ConfigError(
+                f"{where}: data file {entry!r} does not exist under {os.getcwd()}; fix the path or restore the file"
+            )
+        else:
+            files.append(entry)
+    return files
+
+
+def check_data_files(config: dict[str, Any]) -> None:
+    """Every local data file a load names exists, checked before any job is planned.
+    (Snakemake alone lets a finished study stand, "Nothing to be done", when the path
+    to its data breaks, as it tolerates missing inputs of up-to-date outputs.)"""
+    loads = [(f"sources.{name}", entry) for name, entry in config["sources"].items()]
+    loads += [("seed", config["seed"])] + [(f"eval.ood.{name}", entry) for name, entry in config["eval"]["ood"].items()]
+    for where, entry in loads:
+        local_data_files(entry["load"].get("data_files"), f"{where}.load.data_files")
 
 
 def schema() -> dict[str, Any]:

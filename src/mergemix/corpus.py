@@ -45,7 +45,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mergemix.config import REMOTE_FILE
+from mergemix.config import ConfigError, local_data_files
 from mergemix.io import ParquetRows, StreamedFile, run_command
 
 log = logging.getLogger(__name__)
@@ -267,7 +267,6 @@ def _parse_spec(spec: Mapping[str, Any]) -> _PartitionSpec:
     )
 
 
-_GLOB_CHARS = set("*?[")
 _JSON_SUFFIXES = (".json", ".jsonl", ".ndjson", ".json.gz", ".jsonl.gz", ".ndjson.gz")
 
 
@@ -285,39 +284,19 @@ def _flatten_data_files(data_files: Any) -> list[str]:
 
 
 def _local_files(ps: _PartitionSpec) -> list[Path]:
-    """Local files the load will read, checked to exist (remote ones skipped)."""
-    files: list[Path] = []
-    for entry in _flatten_data_files(ps.data_files):
-        if REMOTE_FILE.match(entry):
-            continue
-        if _GLOB_CHARS & set(entry):
-            base = Path(entry)
-            anchor = Path(base.anchor) if base.is_absolute() else Path(".")
-            rel = str(base.relative_to(anchor)) if base.is_absolute() else entry
-            matches = sorted(p for p in anchor.glob(rel) if p.is_file())
-            if not matches:
-                raise CorpusError(
-                    f"data file pattern {entry} of source '{ps.source}' matches no file; "
-                    "fix 'data_files' in config.yaml"
-                )
-            files.extend(matches)
-            continue
-        path = Path(entry)
-        if not path.is_file():
-            if ps.demo is not None:
-                raise CorpusError(
-                    f"demo data file {entry} of source '{ps.source}' does not exist; "
-                    f"build it with `python -m mergemix.corpus demo --recipe {ps.demo}` (the workflow's demo rule)"
-                )
-            if path.is_dir():
-                raise CorpusError(
-                    f"data file {entry} of source '{ps.source}' is a folder; list its files or a pattern "
-                    f"('{entry}/*.jsonl') in 'data_files'"
-                )
-            raise CorpusError(
-                f"data file {entry} of source '{ps.source}' does not exist; fix 'data_files' in config.yaml"
-            )
-        files.append(path)
+    """Local files the load will read, checked to exist (remote ones skipped): the
+    workflow's partition rule declares the same list as its input."""
+    entries = _flatten_data_files(ps.data_files)
+    missing = [e for e in entries if not Path(e).is_file()]
+    if ps.demo is not None and missing:
+        raise CorpusError(
+            f"demo data file {missing[0]} of source '{ps.source}' does not exist; "
+            f"build it with `python -m mergemix.corpus demo --recipe {ps.demo}` (the workflow's demo rule)"
+        )
+    try:
+        files = [Path(f) for f in local_data_files(entries, f"'data_files' of source '{ps.source}'")]
+    except ConfigError as exc:
+        raise CorpusError(str(exc)) from None
     if ps.data_files is None and Path(ps.path).is_dir():
         files.extend(sorted(p for p in Path(ps.path).rglob("*") if p.is_file() and p.name.endswith(_JSON_SUFFIXES)))
     return files
