@@ -241,6 +241,11 @@ def corpus_keys_that_collide(tmp):
     return _spec([_jsonl(tmp / "d.jsonl", rows)], partition_by=["topic", "sub"], partitions=["x-y-z"]), "'x-y-z'"
 
 
+def corpus_mistyped_rename_key(tmp):
+    """'aa' is meant to be 'a': partition b would quietly lack the documents meant for it."""
+    return _spec([_jsonl(tmp / "d.jsonl", ROWS)], rename={"aa": "b"}), "rename key 'aa'"
+
+
 def corpus_empty_file(tmp):
     good = _jsonl(tmp / "good.jsonl", ROWS)
     (tmp / "empty.jsonl").write_bytes(b"")
@@ -256,7 +261,8 @@ def corpus_folder_as_file(tmp):
 CORPUS_CASES = [corpus_folder_as_file, corpus_missing_file, corpus_corrupt_parquet, corpus_non_utf8, corpus_non_utf8_parquet,
                 corpus_missing_text_column,
                 corpus_missing_metadata_column, corpus_text_not_string, corpus_empty_partition,
-                corpus_duplicate_partition, corpus_blank_only_partition, corpus_keys_that_collide, corpus_empty_file]
+                corpus_duplicate_partition, corpus_blank_only_partition, corpus_keys_that_collide, corpus_empty_file,
+                corpus_mistyped_rename_key]
 
 
 @pytest.mark.parametrize("case", CORPUS_CASES, ids=lambda f: f.__name__.removeprefix("corpus_"))

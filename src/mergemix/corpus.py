@@ -526,10 +526,10 @@ def write_partitions(spec: dict, out_dir: Path, write_summary: bool = True) -> d
         group_ids, raw_keys = _raw_keys(keys_table, ps.partition_by, ps.source)
         names = [ps.rename.get(k, k) for k in raw_keys]
         unused = sorted(set(ps.rename) - set(raw_keys))
-        if unused:
-            log.warning(
-                "source '%s': rename keys %s match no document (raw keys look like '%s')",
-                ps.source, ", ".join(unused), raw_keys[0] if raw_keys else "",
+        if unused:  # a mistyped key: the partition it was meant to feed would quietly shrink
+            raise CorpusError(
+                f"rename key '{unused[0]}' of source '{ps.source}' matches no document: the documents' keys are "
+                f"{_format_available(sorted(set(raw_keys)))}; fix or remove it in 'rename' in config.yaml"
             )
     else:
         group_ids, raw_keys = np.zeros(kept.size, dtype=np.int64), [""]
