@@ -122,7 +122,8 @@ def markdown(table: pl.DataFrame, top: int) -> str:
         f"Candidate mixtures ranked by {proxy} perplexity: the geometric mean over "
         f"{len(domains) - 1} out-of-domain set(s) (lower is better); "
         f"{'the first ' + str(shown.height) + ' of ' if shown.height < table.height else 'all '}"
-        f"{table.height} mixtures (results/ranking.csv has all)."
+        f"{table.height} mixtures (results/ranking.csv has all). {analyze.IN_DOMAIN}: the perplexity on the "
+        "mixture's own held-out text, which differs from row to row (not part of the score)."
         + (" seq: the same score of the model trained on the mixture, where one was." if seq else ""),
         "",
     ]
