@@ -247,11 +247,11 @@ def test_a_killed_writers_temporary_is_cleared(tmp_path: Path, docs_jsonl: Path)
 @pytest.mark.parametrize(
     ("overrides", "culprits"),
     [
-        ({"text_column": "content"}, ["'content'", "'toy'", "body", "decade", "party"]),
+        ({"text_column": "content"}, ["'content'", "'toy'", "body", "decade", "party", "'sources.toy.text_column'"]),
         ({"partition_by": ["century"]}, ["'century'", "'toy'"]),
         ({"text_column": "year", "partition_by": ["decade"]}, ["'year'", "int64", "string"]),
         ({"partitions": ["1850s", "1870s"]}, ["'1870s'", "'toy'", "is empty", "'1850s'", "'early'",
-                                              "fix 'partitions' or 'rename'"]),
+                                              "fix 'sources.toy.partitions' or 'sources.toy.rename'"]),
         ({"partitions": ["early", "1850s", "early"]}, ["'early'", "twice"]),
         ({"partition_by": [], "partitions": ["a", "b"]}, ["partition_by", "2"]),
     ],
@@ -267,6 +267,15 @@ def test_spec_errors(tmp_path: Path, docs_jsonl: Path, overrides: dict, culprits
     for culprit in culprits:
         assert culprit in message
     assert_no_outputs(out)
+
+
+@pytest.mark.parametrize("group, key", [("ood", "eval.ood.toy"), ("seed", "seed"), ("toy", "sources.toy")])
+def test_errors_name_the_config_section_of_the_workflows_folder(tmp_path, docs_jsonl, group, key):
+    """The workflow writes an OOD set's documents to work/partitions/ood, the seed's to
+    work/partitions/seed: a wrong column there is a key of eval.ood or seed, not sources."""
+    spec = make_spec([docs_jsonl], text_column="content", partition_by=[], partitions=["toy"])
+    with pytest.raises(CorpusError, match=f"set '{key}.text_column' in the config"):
+        write_partitions(spec, tmp_path / group)
 
 
 def test_missing_data_file(tmp_path: Path, docs_jsonl: Path) -> None:

@@ -177,14 +177,17 @@ class _PartitionSpec:
     max_docs: int | None
     seed: int
     demo: str | None
+    key: str  # the config section, for messages: sources.<name>, seed or eval.ood.<name>
 
 
 def _spec_error(source: str, message: str) -> CorpusError:
     return CorpusError(f"source '{source}': {message}; fix it in config.yaml")
 
 
-def _parse_spec(spec: Mapping[str, Any]) -> _PartitionSpec:
-    """Validate the workflow-produced spec; every problem is one clear line."""
+def _parse_spec(spec: Mapping[str, Any], group: str = "") -> _PartitionSpec:
+    """Validate the workflow-produced spec; every problem is one clear line. `group`
+    (the workflow's work/partitions/<group> folder: a source's name, `seed` or `ood`)
+    tells which config section to name in messages; a spec's own `key` wins."""
     if not isinstance(spec, Mapping):
         raise CorpusError(f"partition spec must be a JSON object, got {type(spec).__name__}")
     source = spec.get("source")
@@ -264,6 +267,7 @@ def _parse_spec(spec: Mapping[str, Any]) -> _PartitionSpec:
         source=source, path=path, name=name, data_files=data_files, split=split,
         text_column=text_column, partition_by=tuple(partition_by), rename=rename,
         partitions=tuple(partitions), max_docs=max_docs, seed=seed, demo=demo,
+        key=str(spec.get("key") or {"seed": "seed", "ood": f"eval.ood.{source}"}.get(group, f"sources.{source}")),
     )
 
 
@@ -294,7 +298,7 @@ def _local_files(ps: _PartitionSpec) -> list[Path]:
             f"build it with `python -m mergemix.corpus demo --recipe {ps.demo}` (the workflow's demo rule)"
         )
     try:
-        files = [Path(f) for f in local_data_files(entries, f"'data_files' of source '{ps.source}'")]
+        files = [Path(f) for f in local_data_files(entries, f"{ps.key}.load.data_files")]
     except ConfigError as exc:
         raise CorpusError(str(exc)) from None
     if ps.data_files is None and Path(ps.path).is_dir():
@@ -376,11 +380,11 @@ def _load_table(ps: _PartitionSpec) -> pa.Table:
         if culprit is not None:
             raise CorpusError(
                 f"cannot read data file {culprit} of source '{ps.source}' ({_root_reason(err)}); "
-                "check the file or fix 'load' in config.yaml"
+                f"check the file or fix '{ps.key}.load' in the config"
             ) from err
         raise CorpusError(
             f"cannot load dataset '{ps.path}' of source '{ps.source}' ({_root_reason(err)}); "
-            "check the name, split and network access, or fix 'load' in config.yaml"
+            f"check the name, split and network access, or fix '{ps.key}.load' in the config"
         ) from err
     if not isinstance(dataset, datasets.Dataset):
         raise CorpusError(
@@ -485,19 +489,19 @@ def write_partitions(spec: dict, out_dir: Path, write_summary: bool = True) -> d
     ``{partition: {"n_docs": int, "n_chars": int, "raw_keys": [str, ...]}}``
     in the order of ``spec["partitions"]``.
     """
-    ps = _parse_spec(spec)
+    ps = _parse_spec(spec, Path(out_dir).name)
     table = _load_table(ps)
     columns = table.column_names
     if ps.text_column not in columns:
         raise CorpusError(
             f"text column '{ps.text_column}' not found in source '{ps.source}': available columns are "
-            f"{', '.join(columns)}; set 'text_column' in config.yaml"
+            f"{', '.join(columns)}; set '{ps.key}.text_column' in the config"
         )
     missing = [c for c in ps.partition_by if c not in columns]
     if missing:
         raise CorpusError(
             f"partition_by column '{missing[0]}' not found in source '{ps.source}': available columns are "
-            f"{', '.join(columns)}; fix 'partition_by' in config.yaml"
+            f"{', '.join(columns)}; fix '{ps.key}.partition_by' in the config"
         )
     text_type = table.schema.field(ps.text_column).type
     if not _is_string_type(text_type):
@@ -529,7 +533,7 @@ def write_partitions(spec: dict, out_dir: Path, write_summary: bool = True) -> d
         if unused:  # a mistyped key: the partition it was meant to feed would quietly shrink
             raise CorpusError(
                 f"rename key '{unused[0]}' of source '{ps.source}' matches no document: the documents' keys are "
-                f"{_format_available(sorted(set(raw_keys)))}; fix or remove it in 'rename' in config.yaml"
+                f"{_format_available(sorted(set(raw_keys)))}; fix or remove it in '{ps.key}.rename'"
             )
     else:
         group_ids, raw_keys = np.zeros(kept.size, dtype=np.int64), [""]
@@ -544,7 +548,7 @@ def write_partitions(spec: dict, out_dir: Path, write_summary: bool = True) -> d
             raise CorpusError(
                 f"partition '{part}' of source '{ps.source}' is empty: available partitions (the documents' keys, "
                 f"after the rename entries that name '{part}') are "
-                f"{_format_available(available)}; fix 'partitions' or 'rename' in config.yaml"
+                f"{_format_available(available)}; fix '{ps.key}.partitions' or '{ps.key}.rename' in the config"
             )
         rows = np.flatnonzero(np.isin(group_ids, groups))
         if ps.max_docs is not None and len(rows) > ps.max_docs:
