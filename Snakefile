@@ -84,6 +84,7 @@ rule all:
     input:
         "results/perplexity.csv",
         rules.rank.output,
+        rules.data_table.output,
         SEQ_TARGETS,
         DECONTAMINATION_TABLE,
         TRANSFER_TARGETS,

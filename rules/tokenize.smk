@@ -82,3 +82,39 @@ rule shards_ood:
         "python -m mergemix.tokenize shards --heldout-only --input {input.docs} --tokenizer work/tokenizer"
         " --out-dir work/tokens/ood/{wildcards.name} --heldout-fraction 1 --segment-chars {params.segment}"
         " --seed {params.seed} > {log} 2>&1"
+
+
+rule data_table:
+    """What each partition holds and how often its units pass over it (csv and markdown)."""
+    input:
+        [
+            f"work/tokens/{s}/{p}/{split}.json"
+            for p, s in PARTITIONS.items()
+            for split in ("train", "heldout")
+        ],
+    output:
+        csv=report(
+            "results/tables/data.csv",
+            caption="../report/data.rst",
+            category="Tables",
+            labels={"table": "data"},
+        ),
+        md="results/tables/data.md",
+    log:
+        "logs/shards/data_table.log",
+    conda:
+        "../envs/mergemix.yaml"
+    threads: res("light", "threads")
+    resources:
+        mem_mb=mem_mb("light"),
+        cpus_per_task=cpus_per_task,
+        runtime=res("light", "runtime"),
+    params:
+        partitions=" ".join(
+            f"work/tokens/{s}/{p}:{mmconfig.units(config, p)}"
+            for p, s in PARTITIONS.items()
+        ),
+        unit_tokens=config["train"]["unit_tokens"],
+    shell:
+        "python -m mergemix.tokenize table {params.partitions} --unit-tokens {params.unit_tokens}"
+        " --out-csv {output.csv} --out-md {output.md} > {log} 2>&1"

@@ -67,6 +67,7 @@ def expected_jobs(config: dict) -> dict[str, int]:
         "tokenizer": 1,
         "shards": len(parts) + 1,
         "shards_ood": len(ood_files),
+        "data_table": 1,
         "seed": 1,
         "evaluate_seed": 1,
         "unit": sum(units.values()),

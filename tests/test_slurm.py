@@ -130,18 +130,18 @@ def test_workflow_runs_to_completion_through_slurm(slurm_run):
     check_tables(root)
     jobs = submissions(log)
     # Every job went through sbatch (the `all` target has no command), each with its own
-    # Slurm log: 11 data-preparation, 5 decontamination (the filter, 3 partitions, the
+    # Slurm log: 12 data-preparation (the data table among them), 5 decontamination (the filter, 3 partitions, the
     # table), 9 training, 7 evaluation jobs, 2 engine batches (one per mixture anchor:
     # beta, gamma), the efficiency ledger, the ranking and 1 report group.
     logs = sorted((root / ".snakemake/slurm_logs").rglob("*.log"))
     assert sorted(p for _, p in jobs) == logs
-    assert len(jobs) == len({j for j, _ in jobs}) == 11 + 5 + 9 + 7 + 2 + 1 + 1 + 1
+    assert len(jobs) == len({j for j, _ in jobs}) == 12 + 5 + 9 + 7 + 2 + 1 + 1 + 1
     by_dir = {}
     for p in logs:
         by_dir.setdefault(p.relative_to(root / ".snakemake/slurm_logs").parts[0], []).append(p)
     counts = {k: len(v) for k, v in by_dir.items()}
     assert counts == {
-        "rule_partition": 5, "rule_tokenizer": 1, "rule_shards": 4, "rule_shards_ood": 1, "rule_eval_filter": 1,
+        "rule_partition": 5, "rule_tokenizer": 1, "rule_shards": 4, "rule_shards_ood": 1, "rule_data_table": 1, "rule_eval_filter": 1,
         "rule_decontaminate": 3, "rule_decontamination_table": 1, "rule_seed": 1,
         "rule_unit": 4, "rule_ind": 1, "rule_seq": 3, "rule_evaluate_seed": 1, "rule_evaluate_unit": 2,
         "rule_evaluate_ind": 1, "rule_evaluate_seq": 3, "rule_score_merged": 2,

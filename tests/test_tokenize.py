@@ -114,3 +114,33 @@ def test_train_shard_holds_the_documents_in_the_split_order(tmp_path, texts, tok
         assert tokens.tolist() == expected
         assert index[:, 1].tolist() == [len(p.encode("utf-8")) for p in pieces]
         assert side["n_source_docs"] == len(ids) and side["n_docs"] == len(pieces)
+
+
+def test_data_table_counts_each_split_and_the_passes_of_its_units(tmp_path, texts, tokenizer_dir):
+    """Two partitions from real text, one far smaller than its units: the table gives
+    each split's documents and tokens as the shards hold them, and passes = units x
+    unit_tokens over the train tokens (over 1: upsampled; under 1: partly unused)."""
+    from mergemix.tokenize import DATA_COLUMNS, data_table
+
+    folders = []
+    for name, docs in (("big", texts["subprocess"]), ("small", texts["subprocess"][:4])):
+        part = tmp_path / "src" / f"{name}.parquet"
+        part.parent.mkdir(exist_ok=True)
+        pl.DataFrame({"text": docs}).write_parquet(part)
+        make_shards(part, tokenizer_dir, tmp_path / "tok" / name, heldout_fraction=0.25, segment_chars=10_000, seed=0)
+        folders.append(tmp_path / "tok" / name)
+    big = open_tokens(tmp_path / "tok" / "big" / "train")[0].size
+    small = open_tokens(tmp_path / "tok" / "small" / "train")[0].size
+    unit_tokens = big // 3
+    csv_text, markdown = data_table([(folders[0], 2), (folders[1], 1)], unit_tokens)
+    table = pl.read_csv(csv_text.encode())
+    assert table.columns == DATA_COLUMNS
+    assert table["partition"].to_list() == ["big", "small"] and table["units"].to_list() == [2, 1]
+    assert table["train_tokens"].to_list() == [big, small]
+    assert table["trained_tokens"].to_list() == [2 * unit_tokens, unit_tokens]
+    assert table["passes"].to_list() == [round(2 * unit_tokens / big, 2), round(unit_tokens / small, 2)]
+    assert table["passes"][0] < 1 < table["passes"][1]
+    for row, docs in zip(table.iter_rows(named=True), (texts["subprocess"], texts["subprocess"][:4])):
+        assert row["train_docs"] + row["heldout_docs"] == len(docs)
+        assert row["heldout_tokens"] == open_tokens(tmp_path / "tok" / row["partition"] / "heldout")[0].size
+    assert markdown.count("\n| ") == 3 and "| small | 1 | " in markdown

@@ -198,6 +198,23 @@ def test_analysis_outputs_have_every_domain_and_proxy(run):
         assert (run / "results/benchmarks" / bench).stat().st_size > 0
 
 
+def test_data_table_matches_the_shards_and_what_the_units_trained_on(run):
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    table = pl.read_csv(run / "results/tables/data.csv")
+    parts = config["sources"]["docs"]["partitions"]
+    assert table["partition"].to_list() == list(parts) and table["units"].to_list() == list(parts.values())
+    unit_tokens = config["train"]["unit_tokens"]
+    window = config["train"]["continued"]["batch_size"] * config["model"]["context_length"]
+    for row in table.iter_rows(named=True):
+        shard = json.loads((run / f"work/tokens/docs/{row['partition']}/train.json").read_text())
+        assert row["train_tokens"] == shard["n_tokens"] and row["train_docs"] == shard["n_source_docs"]
+        assert row["passes"] == round(row["units"] * unit_tokens / shard["n_tokens"], 2)
+        for unit in range(row["units"]):
+            trained = json.loads((run / f"work/models/unit/docs/{row['partition']}/{unit}/mergemix.json").read_text())
+            assert unit_tokens - window < trained["tokens"] <= unit_tokens
+    assert (run / "results/tables/data.md").read_text().startswith("Data per partition")
+
+
 def ood_geometric_means(table: pl.DataFrame, kind: str, method: str = "") -> dict[str, float]:
     """exp(mean log ppl) over the OOD sets per mixture, straight from perplexity.csv's rows."""
     rows = table.filter((pl.col("model_kind") == kind) & (pl.col("method") == method) & (pl.col("domain_kind") == "ood"))
@@ -288,7 +305,8 @@ def test_figures_target_and_report(run, tmp_path):
     done = snakemake(run, "--report", str(report))
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     html = report.read_text(errors="replace")
-    for name in ("figure3.png", "figure4_weighted.png", "figure9.png", "table3.csv", "efficiency.csv", "ranking.csv"):
+    for name in ("figure3.png", "figure4_weighted.png", "figure9.png", "table3.csv", "efficiency.csv", "ranking.csv",
+                 "data.csv"):
         assert name in html, name
 
 

@@ -399,6 +399,48 @@ def unit_ranges(n_tokens: int, unit_tokens: int, unit: int) -> list[tuple[int, i
     return ranges
 
 
+# --- the data table ---------------------------------------------------------------------
+
+DATA_COLUMNS = ["source", "partition", "units", "train_docs", "train_tokens", "heldout_docs", "heldout_tokens",
+                "trained_tokens", "passes"]
+
+
+def data_table(partitions: list[tuple[Path, int]], unit_tokens: int) -> tuple[str, str]:
+    """What each partition holds and how its units use it, as (csv, markdown).
+
+    `partitions` pairs a partition's shard folder (with train.json and heldout.json
+    sidecars) with its number of units. `passes` is units x unit_tokens over the train
+    split's tokens: above 1 the units repeat the split (upsampling, as in the paper),
+    below 1 they leave part of it unused.
+    """
+    rows = []
+    for folder, units in partitions:
+        train, heldout = (io.read_json(Path(folder) / f"{split}.json") for split in ("train", "heldout"))
+        source, partition = train["partition"].split("/", 1)
+        trained = units * unit_tokens
+        rows.append([source, partition, units, train["n_source_docs"], train["n_tokens"], heldout["n_source_docs"],
+                     heldout["n_tokens"], trained, round(trained / max(train["n_tokens"], 1), 2)])
+    csv_text = "\n".join(",".join(str(v) for v in row) for row in [DATA_COLUMNS, *rows]) + "\n"
+    caption = (
+        f"Data per partition: documents and tokens of its train and held-out splits (the held-out split is "
+        f"its in-domain evaluation set), and the tokens its units train on ({unit_tokens:,} per unit). "
+        f"passes = trained tokens / train tokens: above 1 the units repeat the train split (a partition "
+        f"smaller than its units is upsampled, as in the paper); below 1 part of it is not used."
+    )
+    header = ["source", "partition", "units", "train docs", "train tokens", "held-out docs", "held-out tokens",
+              "trained tokens", "passes"]
+    lines = [caption, "", "| " + " | ".join(header) + " |", "|:--|:--|" + "--:|" * 7]
+    lines += ["| " + " | ".join(f"{v:,}" if isinstance(v, int) else str(v) for v in row) + " |" for row in rows]
+    return csv_text, "\n".join(lines) + "\n"
+
+
+def _partition_units(text: str) -> tuple[Path, int]:
+    folder, _, units = text.rpartition(":")
+    if not folder or not units.isdigit() or int(units) < 1:
+        raise argparse.ArgumentTypeError(f"expected FOLDER:UNITS with UNITS a positive whole number, got {text!r}")
+    return Path(folder), int(units)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mergemix.tokenize", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -415,6 +457,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--segment-chars", type=io.whole(1), required=True)
     s.add_argument("--seed", type=io.whole(0), default=0)
     s.add_argument("--heldout-only", action="store_true", help="all documents are evaluation documents")
+    d = sub.add_parser("table", help="the data table: each partition's splits and how its units use them")
+    d.add_argument("partitions", nargs="+", type=_partition_units, metavar="FOLDER:UNITS",
+                   help="a partition's shard folder (train.json, heldout.json) and its number of units")
+    d.add_argument("--unit-tokens", type=io.whole(1), required=True)
+    d.add_argument("--out-csv", type=Path, required=True)
+    d.add_argument("--out-md", type=Path, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -424,6 +472,10 @@ def main(argv: list[str] | None = None) -> int:
                 fetch_pretrained(args.name, args.out_dir)
             else:
                 train_bpe(read_texts(args.input), args.vocab_size, args.out_dir)
+        elif args.cmd == "table":
+            csv_text, markdown = data_table(args.partitions, args.unit_tokens)
+            io.write_text(args.out_csv, csv_text)
+            io.write_text(args.out_md, markdown)
         else:
             splits = ("heldout",) if args.heldout_only else ("train", "heldout")
             make_shards(args.input, args.tokenizer, args.out_dir, args.heldout_fraction, args.segment_chars, args.seed, splits)
