@@ -12,7 +12,7 @@ rule analyze:
         correlations=report(
             "results/correlations.csv",
             caption="../report/correlations.rst",
-            category="Statistics",
+            category="Results",  # not "Statistics": the report has a panel of that name
             labels={"file": "correlations.csv"},
         ),
         table2=[
@@ -67,7 +67,7 @@ rule rank:
         csv=report(
             "results/ranking.csv",
             caption="../report/ranking.rst",
-            category="Statistics",
+            category="Results",  # not "Statistics": the report has a panel of that name
             labels={"file": "ranking.csv"},
         ),
         md="results/tables/ranking.md",
