@@ -304,6 +304,7 @@ def test_figures_target_and_report(run, tmp_path):
     report = tmp_path / "report.html"
     done = snakemake(run, "--report", str(report))
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "(WARNING/" not in done.stdout + done.stderr, "a caption or category the report's docutils warns about"
     html = report.read_text(errors="replace")
     for name in ("figure3.png", "figure4_weighted.png", "figure9.png", "table3.csv", "efficiency.csv", "ranking.csv",
                  "data.csv"):
