@@ -19,7 +19,8 @@ try:
     for configfile_path in workflow.configfiles:
         mmconfig.check_unique_keys(configfile_path)
     mmconfig.validate(config)
-    mmconfig.check_data_files(config)
+    # Local data files by config section, globbed once here for every partition job.
+    DATA_FILES = mmconfig.check_data_files(config)
 except mmconfig.ConfigError as exc:
     sys.exit(f"config error: {exc}")
 
@@ -135,7 +136,10 @@ def get_raw_inputs(wildcards):
     load = load_spec(wildcards.group, wildcards.name)["load"]
     if "demo" in load:
         return [f"work/raw/{load['demo']}.parquet"]
-    return mmconfig.local_data_files(load.get("data_files"), "data_files")
+    group, name = wildcards.group, wildcards.name
+    return DATA_FILES[
+        {"seed": "seed", "ood": f"eval.ood.{name}"}.get(group, f"sources.{group}")
+    ]
 
 
 def partition_rename(entry, name):

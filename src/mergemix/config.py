@@ -78,14 +78,17 @@ def local_data_files(entries: list[str] | None, where: str) -> list[str]:
     return files
 
 
-def check_data_files(config: dict[str, Any]) -> None:
+def check_data_files(config: dict[str, Any]) -> dict[str, list[str]]:
     """Every local data file a load names exists, checked before any job is planned.
     (Snakemake alone lets a finished study stand, "Nothing to be done", when the path
-    to its data breaks, as it tolerates missing inputs of up-to-date outputs.)"""
-    loads = [(f"sources.{name}", entry) for name, entry in config["sources"].items()]
-    loads += [("seed", config["seed"])] + [(f"eval.ood.{name}", entry) for name, entry in config["eval"]["ood"].items()]
-    for where, entry in loads:
-        local_data_files(entry["load"].get("data_files"), f"{where}.load.data_files")
+    to its data breaks, as it tolerates missing inputs of up-to-date outputs.) Returns
+    each section's local files, patterns expanded, by key: sources.<name>, seed and
+    eval.ood.<name>."""
+    sections = {f"sources.{name}": entry for name, entry in config["sources"].items()}
+    sections["seed"] = config["seed"]
+    sections.update({f"eval.ood.{name}": entry for name, entry in config["eval"]["ood"].items()})
+    return {key: local_data_files(entry["load"].get("data_files"), f"{key}.load.data_files")
+            for key, entry in sections.items()}
 
 
 def schema() -> dict[str, Any]:

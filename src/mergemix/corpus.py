@@ -291,8 +291,8 @@ def _local_files(ps: _PartitionSpec) -> list[Path]:
     """Local files the load will read, checked to exist (remote ones skipped): the
     workflow's partition rule declares the same list as its input."""
     entries = _flatten_data_files(ps.data_files)
-    missing = [e for e in entries if not Path(e).is_file()]
-    if ps.demo is not None and missing:
+    missing = [e for e in entries if not Path(e).is_file()] if ps.demo is not None else []
+    if missing:
         raise CorpusError(
             f"demo data file {missing[0]} of source '{ps.source}' does not exist; "
             f"build it with `python -m mergemix.corpus demo --recipe {ps.demo}` (the workflow's demo rule)"

@@ -427,8 +427,7 @@ def data_table(partitions: list[tuple[Path, int]], unit_tokens: int) -> tuple[st
         f"passes = trained tokens / train tokens: above 1 the units repeat the train split (a partition "
         f"smaller than its units is upsampled, as in the paper); below 1 part of it is not used."
     )
-    header = ["source", "partition", "units", "train docs", "train tokens", "held-out docs", "held-out tokens",
-              "trained tokens", "passes"]
+    header = [c.replace("_", " ").replace("heldout", "held-out") for c in DATA_COLUMNS]
     lines = [caption, "", "| " + " | ".join(header) + " |", "|:--|:--|" + "--:|" * 7]
     lines += ["| " + " | ".join(f"{v:,}" if isinstance(v, int) else str(v) for v in row) + " |" for row in rows]
     return csv_text, "\n".join(lines) + "\n"
